@@ -1,0 +1,307 @@
+"""Preprocessing ops, registered by name and composed from a big_vision-style string.
+
+A pipeline string such as
+    'random_resized_crop(64, scale=(0.5, 1.0))|to_channels(3)|normalize("evax")|block_mask(0.4)'
+is parsed into a list of ops; each op maps an example dict (NumPy arrays) to a new one.
+Random ops receive the `np.random.Generator` that Grain derives from the pipeline seed and
+the element index, so augmentation is deterministic and resumable.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from cxrjax.config_lib import ConfigError
+
+# Normalisation statistics (on [0, 1] intensities). EVA-X normalises CXRs with a single
+# grey-level mean/std computed on its pretraining set.
+NORMALIZATION = {
+    "evax": ((0.4919,) * 3, (0.2851,) * 3),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "none": ((0.0,) * 3, (1.0,) * 3),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  name: str
+  fn: Callable[..., dict]
+  random: bool  # True: called as fn(example, rng)
+
+
+_OPS: dict[str, tuple[Callable[..., Callable], bool]] = {}
+
+
+def register(name: str, *, random: bool = False):
+  """Registers an op factory: factory(*args, **kwargs) -> fn(example[, rng])."""
+  def wrap(factory):
+    _OPS[name] = (factory, random)
+    return factory
+  return wrap
+
+
+def names() -> list[str]:
+  return sorted(_OPS)
+
+
+def parse(spec: str) -> list[Op]:
+  """Parses 'op1(args)|op2|...' into ops; unknown names and bad args fail with the op named."""
+  ops = []
+  for part in (p.strip() for p in spec.split("|")):
+    if not part:
+      continue
+    try:
+      call = ast.parse(part if "(" in part else part + "()", mode="eval").body
+    except SyntaxError as e:
+      raise ConfigError(f"cannot parse preprocessing op {part!r} in {spec!r}: {e.msg}")
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+      raise ConfigError(f"preprocessing op {part!r} must look like name(arg, key=value)")
+    name = call.func.id
+    if name not in _OPS:
+      raise ConfigError(f"unknown preprocessing op {name!r} in {spec!r}; "
+                        f"registered ops: {', '.join(names())}")
+    try:
+      args = [ast.literal_eval(a) for a in call.args]
+      kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except ValueError:
+      raise ConfigError(f"preprocessing op {part!r}: arguments must be literals")
+    factory, random = _OPS[name]
+    try:
+      ops.append(Op(name, factory(*args, **kwargs), random))
+    except TypeError as e:
+      raise ConfigError(f"preprocessing op {part!r}: {e}")
+  return ops
+
+
+class Preprocess:
+  """A picklable callable applying parsed ops; use with grain's `random_map`."""
+
+  def __init__(self, spec: str):
+    self.spec = spec
+    self.ops = parse(spec)
+
+  def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+    for op in self.ops:
+      example = op.fn(example, rng) if op.random else op.fn(example)
+    return example
+
+  def __getstate__(self):
+    return {"spec": self.spec}
+
+  def __setstate__(self, state):
+    self.__init__(state["spec"])
+
+  def __repr__(self):
+    return f"Preprocess({self.spec!r})"
+
+
+# ----------------------------------------------------------------------------
+# Geometry.
+# ----------------------------------------------------------------------------
+
+
+def _resize_array(array: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
+  h, w = size
+  if array.shape[:2] == (h, w):
+    return array
+  if array.dtype == np.uint8:
+    squeeze = array.ndim == 3 and array.shape[2] == 1
+    img = Image.fromarray(array[..., 0] if squeeze else array)
+    out = np.asarray(img.resize((w, h), resample))
+    return out[..., None] if squeeze else out
+  channels = [np.asarray(Image.fromarray(np.ascontiguousarray(c, np.float32)).resize(
+      (w, h), resample)) for c in np.moveaxis(np.atleast_3d(array), -1, 0)]
+  out = np.stack(channels, -1)
+  return out if array.ndim == 3 else out[..., 0]
+
+
+def _size2(size) -> tuple[int, int]:
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _crop_resize(example: dict, box: tuple[int, int, int, int], size) -> dict:
+  """Crops image (and seg/boxes when present) to box=(y0, x0, h, w), then resizes."""
+  y0, x0, h, w = box
+  out_h, out_w = _size2(size)
+  example = dict(example)
+  example["image"] = _resize_array(example["image"][y0:y0 + h, x0:x0 + w], (out_h, out_w),
+                                   Image.BICUBIC)
+  if "seg" in example:
+    example["seg"] = _resize_array(example["seg"][y0:y0 + h, x0:x0 + w], (out_h, out_w),
+                                   Image.NEAREST)
+  if "boxes" in example:
+    boxes = np.array(example["boxes"], np.float32)
+    valid = boxes[:, 0] >= 0
+    sx, sy = out_w / w, out_h / h
+    boxes[valid, 1:] = (boxes[valid, 1:] - [x0, y0, x0, y0]) * [sx, sy, sx, sy]
+    boxes[valid, 1::2] = boxes[valid, 1::2].clip(0, out_w)
+    boxes[valid, 2::2] = boxes[valid, 2::2].clip(0, out_h)
+    # A box cropped away entirely no longer localises anything; its label is kept.
+    gone = valid & ((boxes[:, 3] <= boxes[:, 1]) | (boxes[:, 4] <= boxes[:, 2]))
+    boxes[gone] = -1
+    example["boxes"] = boxes
+  return example
+
+
+@register("resize")
+def _resize(size):
+  def fn(example):
+    h, w = example["image"].shape[:2]
+    return _crop_resize(example, (0, 0, h, w), size)
+  return fn
+
+
+@register("random_resized_crop", random=True)
+def _random_resized_crop(size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+  """Inception-style crop (torchvision semantics: 10 tries, then a centre crop)."""
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+  def fn(example, rng):
+    height, width = example["image"].shape[:2]
+    area = height * width
+    for _ in range(10):
+      target = area * rng.uniform(*scale)
+      aspect = math.exp(rng.uniform(*log_ratio))
+      w = int(round(math.sqrt(target * aspect)))
+      h = int(round(math.sqrt(target / aspect)))
+      if 0 < w <= width and 0 < h <= height:
+        y0 = int(rng.integers(0, height - h + 1))
+        x0 = int(rng.integers(0, width - w + 1))
+        return _crop_resize(example, (y0, x0, h, w), size)
+    side = min(height, width)
+    return _crop_resize(example, ((height - side) // 2, (width - side) // 2, side, side), size)
+  return fn
+
+
+@register("flip_lr", random=True)
+def _flip_lr(p=0.5):
+  """Horizontal flip. Off by default in configs: CXR laterality (dextrocardia, side of a
+  finding) is meaningful for many labels."""
+  def fn(example, rng):
+    if rng.uniform() >= p:
+      return example
+    example = dict(example)
+    width = example["image"].shape[1]
+    example["image"] = example["image"][:, ::-1]
+    if "seg" in example:
+      example["seg"] = example["seg"][:, ::-1]
+    if "boxes" in example:
+      boxes = np.array(example["boxes"], np.float32)
+      valid = boxes[:, 0] >= 0
+      boxes[valid, 1], boxes[valid, 3] = width - boxes[valid, 3], width - boxes[valid, 1]
+      example["boxes"] = boxes
+    return example
+  return fn
+
+
+# ----------------------------------------------------------------------------
+# Intensity.
+# ----------------------------------------------------------------------------
+
+
+@register("to_channels")
+def _to_channels(channels=3):
+  """Grey [H,W] or [H,W,1] -> [H,W,channels] (replicated), so RGB-pretrained models fit."""
+  def fn(example):
+    image = example["image"]
+    if image.ndim == 2:
+      image = image[..., None]
+    if image.shape[-1] != channels:
+      if image.shape[-1] != 1:
+        raise ValueError(f"to_channels({channels}): image has {image.shape[-1]} channels")
+      image = np.repeat(image, channels, axis=-1)
+    return {**example, "image": image}
+  return fn
+
+
+@register("normalize")
+def _normalize(stats="evax", mean=None, std=None):
+  """uint8/uint16 or [0,1] float -> (x - mean) / std in float32."""
+  if stats not in NORMALIZATION:
+    raise ValueError(f"normalize: stats={stats!r} not in {sorted(NORMALIZATION)}")
+  mean = np.asarray(mean if mean is not None else NORMALIZATION[stats][0], np.float32)
+  std = np.asarray(std if std is not None else NORMALIZATION[stats][1], np.float32)
+
+  def fn(example):
+    image = example["image"]
+    if image.dtype == np.uint8:
+      image = image.astype(np.float32) / 255.0
+    elif image.dtype == np.uint16:
+      image = image.astype(np.float32) / 65535.0
+    image = image.astype(np.float32)
+    channels = image.shape[-1] if image.ndim == 3 else 1
+    m, s = (mean[:channels], std[:channels]) if channels <= len(mean) else (mean[0], std[0])
+    return {**example, "image": (image - m) / s}
+  return fn
+
+
+# ----------------------------------------------------------------------------
+# Masks for masked image modelling.
+# ----------------------------------------------------------------------------
+
+
+def block_mask(rng: np.random.Generator, grid: tuple[int, int], num_masked: int,
+               min_block: int = 16, max_block: int | None = None,
+               aspect=(0.3, 1 / 0.3)) -> np.ndarray:
+  """BEiT/EVA-02 block-wise mask: rectangles of >= min_block patches until num_masked.
+
+  Returns a bool [gh*gw] array with exactly `num_masked` True entries (the last block is
+  topped up with random single patches, so the ratio is exact and batches stack).
+  """
+  gh, gw = grid
+  mask = np.zeros(grid, bool)
+  max_block = max_block or num_masked
+  log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+  min_block = min(min_block, num_masked)
+  tries_left = 100
+  while mask.sum() < num_masked and tries_left:
+    tries_left -= 1
+    remaining = num_masked - mask.sum()
+    for _ in range(10):
+      target = rng.uniform(min_block, max(min_block, min(remaining, max_block)) + 1e-9)
+      ar = math.exp(rng.uniform(*log_aspect))
+      h = int(round(math.sqrt(target * ar)))
+      w = int(round(math.sqrt(target / ar)))
+      if 0 < h < gh and 0 < w < gw:
+        top, left = int(rng.integers(0, gh - h + 1)), int(rng.integers(0, gw - w + 1))
+        new = h * w - mask[top:top + h, left:left + w].sum()
+        if 0 < new <= remaining:
+          mask[top:top + h, left:left + w] = True
+          break
+  flat = mask.reshape(-1)
+  missing = num_masked - flat.sum()
+  if missing > 0:  # tiny grids: fill up with random free patches
+    flat[rng.choice(np.flatnonzero(~flat), missing, replace=False)] = True
+  return flat
+
+
+@register("block_mask", random=True)
+def _block_mask(ratio=0.4, patch_size=16, min_block=16):
+  """Adds `mim_mask` [N] bool for the image's patch grid (run after resizing)."""
+  if not 0.0 < ratio < 1.0:
+    raise ValueError(f"block_mask: ratio={ratio} must be in (0, 1)")
+
+  def fn(example, rng):
+    h, w = example["image"].shape[:2]
+    grid = (h // patch_size, w // patch_size)
+    num = int(round(ratio * grid[0] * grid[1]))
+    # BEiT's minimum block of 16 patches assumes a 14x14 grid; scale it for small grids.
+    smallest = max(1, min(min_block, grid[0] * grid[1] // 12))
+    return {**example, "mim_mask": block_mask(rng, grid, num, smallest)}
+  return fn
+
+
+@register("keep")
+def _keep(*keys):
+  def fn(example):
+    missing = [k for k in keys if k not in example]
+    if missing:
+      raise KeyError(f"keep{keys}: example has no {missing} (has {sorted(example)})")
+    return {k: example[k] for k in keys}
+  return fn

@@ -1,0 +1,275 @@
+r"""Pretraining binary.
+
+  python -m cxrjax.main --config=configs/evax_b.py --workdir=workdirs/evax_b
+
+Reads top to bottom: config, mesh, data, abstract init and shardings, sharded init, update
+step (compiled ahead of time, memory printed), resume, loop with NaN check, periodic
+checkpoints and logs. Restarting with the same --workdir resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from cxrjax import checkpoint as ckpt_lib
+from cxrjax import config_lib, metric_writers, objectives, optim, parallel
+from cxrjax.data import pipeline
+from cxrjax import validation  # noqa: F401  pylint: disable=unused-import  (registers checks)
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def total_and_epoch_steps(config) -> tuple[int, float]:
+  steps_per_epoch = config.data.num_examples / config.data.batch_size
+  total = optim.steps_from(config, "total", steps_per_epoch)
+  return total, steps_per_epoch
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Runs (or resumes) pretraining in `workdir`; returns the last logged metrics."""
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  is_writer = jax.process_index() == 0
+
+  # ---------------------------------------------------------------- Mesh.
+  mesh = parallel.make_mesh(config.mesh)
+  logging.info("%s", parallel.device_summary(mesh))
+  writer = metric_writers.create(workdir, active=is_writer)
+  if is_writer:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  total_steps, steps_per_epoch = total_and_epoch_steps(config)
+
+  # ---------------------------------------------------------------- Objective + data.
+  objective = objectives.get(config.objective.name)(config)
+  pp = config.data.pp_train.format(image_size=config.data.image_size)
+  pp = "|".join(p for p in (pp, objective.preprocess()) if p)
+  train_ds = pipeline.make_dataset(config.data, split="train", pp=pp, seed=config.seed,
+                                   global_batch=config.data.batch_size, repeat=True)
+  train_iter = pipeline.make_iterator(train_ds, config.data)
+  logging.info("Train data: %s, preprocessing %r", config.data.source, pp)
+
+  # ---------------------------------------------------------------- Abstract init.
+  schedule = optim.make_schedule(config, total_steps, steps_per_epoch)
+  tx = optim.make_optimizer(config, schedule)
+  abstract_model = nnx.eval_shape(lambda: objective.build_model(nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  abstract_frozen = nnx.eval_shape(lambda: objective.build_frozen(nnx.Rngs(0)))
+  frozen_graphdef, abstract_frozen_params = (nnx.split(abstract_frozen, nnx.Param)
+                                             if abstract_frozen is not None else (None, None))
+  use_ema = config.optim.ema_decay > 0
+
+  def init(rng):
+    params = nnx.to_pure_dict(nnx.state(objective.build_model(nnx.Rngs(rng)), nnx.Param))
+    state = {"params": params, "opt_state": tx.init(params),
+             "step": jnp.zeros((), jnp.int32), "rng": jax.random.fold_in(rng, 1),
+             "skipped_steps": jnp.zeros((), jnp.int32)}
+    if use_ema:
+      state["ema"] = params
+    if frozen_graphdef is not None:
+      state["frozen"] = nnx.to_pure_dict(
+          nnx.state(objective.build_frozen(nnx.Rngs(rng)), nnx.Param))
+    return state
+
+  # ---------------------------------------------------------------- Shardings.
+  repl = parallel.replicated(mesh)
+  params_sh = nnx.to_pure_dict(parallel.param_shardings(abstract_params, mesh))
+  abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  state_sh = {
+      "params": params_sh,
+      "opt_state": optax.tree_utils.tree_map_params(
+          tx, lambda _, sh: sh, abstract_state["opt_state"], params_sh,
+          transform_non_params=lambda _: repl),
+      "step": repl, "rng": repl, "skipped_steps": repl}
+  if use_ema:
+    state_sh["ema"] = params_sh
+  if frozen_graphdef is not None:
+    state_sh["frozen"] = nnx.to_pure_dict(
+        parallel.param_shardings(abstract_frozen_params, mesh))
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+
+  # Everything below runs with the mesh as context (shardings, shard_map).
+  with jax.set_mesh(mesh):
+    # ---------------------------------------------------------------- Sharded init.
+    state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(config.seed))
+    if objective.frozen_weights() is not None:
+      state["frozen"] = _place(objective.frozen_weights(), state["frozen"], "teacher")
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    logging.info("Trainable parameters: %s (%.2fM)", f"{n_params:,}", n_params / 1e6)
+
+    # ---------------------------------------------------------------- Update step.
+    skip_nonfinite = config.nan_policy == "skip"
+
+    def train_step(state, batch):
+      rng = jax.random.fold_in(state["rng"], state["step"])
+      frozen = (nnx.merge(frozen_graphdef, state["frozen"])
+                if frozen_graphdef is not None else None)
+
+      def loss_fn(params):
+        model = nnx.merge(graphdef, params)
+        return objective.loss(model, frozen, batch, train=True, rngs=nnx.Rngs(dropout=rng))
+
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      grad_norm = optax.tree.norm(grads)
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      new = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
+      if use_ema:
+        decay = config.optim.ema_decay
+        new["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+      if skip_nonfinite:  # keep the old weights and optimizer state, but advance the step
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new,
+                           dict(state, step=state["step"] + 1))
+        new["skipped_steps"] = state["skipped_steps"] + (~finite).astype(jnp.int32)
+      metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                 "param_norm": optax.tree.norm(params), "finite": finite, **aux}
+      return new, metrics
+
+    batch_keys = objective.batch_keys
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape[:0] + (config.data.batch_size,)
+                                              + v.shape[1:], v.dtype,
+                                              sharding=parallel.batch_sharding(mesh, v.ndim))
+                      for k, v in _peek(train_ds, batch_keys).items()}
+    jitted_step = jax.jit(train_step, in_shardings=(state_sh, None),
+                          out_shardings=(state_sh, repl), donate_argnums=(0,))
+    compiled_step = jitted_step.lower(abstract_state, abstract_batch).compile()
+    if config.log.memory_analysis:
+      _log_memory(compiled_step)
+
+    # ---------------------------------------------------------------- Resume.
+    checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint)
+    first_step = 0
+    if (latest := checkpointer.latest_step()) is not None:
+      logging.info("Resuming from %s/%d", ckpt_lib.checkpoint_dir(workdir), latest)
+      state = checkpointer.restore(latest, abstract_state, train_iter)
+      first_step = int(jax.device_get(state["step"]))
+    meta = ckpt_lib.run_metadata(config, mesh)
+    if first_step >= total_steps:
+      logging.info("Already trained for %d of %d steps; nothing to do.", first_step, total_steps)
+      checkpointer.close()
+      return {}
+
+    # ---------------------------------------------------------------- Loop.
+    logging.info("Training steps %d..%d (%.1f epochs of %d examples)", first_step + 1,
+                 total_steps, total_steps / steps_per_epoch, config.data.num_examples)
+    progress = metric_writers.Progress(total_steps, config.data.batch_size, first_step)
+    last_saved = latest if latest is not None else None
+    logged: dict[str, float] = {}
+    pending = []
+    for step in range(first_step + 1, total_steps + 1):
+      batch = next(train_iter)
+      device_batch = parallel.shard_batch({k: batch[k] for k in batch_keys}, mesh)
+      state, metrics = compiled_step(state, device_batch)
+      pending.append(metrics)
+
+      if step % config.log.every_steps == 0 or step == total_steps:
+        host = jax.device_get(pending)
+        pending = []
+        bad = [m for m in host if not m["finite"]]
+        if bad and not skip_nonfinite:
+          raise NonFiniteLossError(
+              f"non-finite loss at or before step {step}: "
+              + ", ".join(f"{k}={float(v):.4g}" for k, v in bad[0].items() if k != "finite")
+              + f". Last good checkpoint: {ckpt_lib.checkpoint_dir(workdir)}/{last_saved}"
+              + " (config.nan_policy='skip' drops such updates instead)")
+        logged = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "finite"}
+        logged.update(progress.update(step))
+        logged["skipped_steps"] = float(jax.device_get(state["skipped_steps"]))
+        logged["epoch"] = step / steps_per_epoch
+        writer.write_scalars(step, logged)
+        writer.flush()
+        if is_writer:
+          print(f"step {step}/{total_steps}  loss {logged['loss']:.4f}  "
+                f"{logged['perf/steps_per_sec']:.2f} steps/s  "
+                f"{logged['perf/images_per_sec']:.1f} img/s  "
+                f"ETA {metric_writers.format_eta(logged['perf/eta_minutes'])}", flush=True)
+
+      if checkpointer.should_save(step, total_steps):
+        checkpointer.save(step, state, train_iter, config, meta,
+                          metrics={"loss": logged.get("loss", float("nan"))})
+        last_saved = step
+
+    checkpointer.close()
+    writer.close()
+    if is_writer:
+      print(f"Done. Checkpoint: {ckpt_lib.checkpoint_dir(workdir)}/{total_steps}\n"
+            f"      Metrics:    {os.path.join(workdir, 'metrics.jsonl')}\n"
+            f"      TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}",
+            flush=True)
+    return logged
+
+
+def _peek(ds, keys) -> dict[str, np.ndarray]:
+  """One per-process batch, to learn shapes and dtypes for ahead-of-time compilation."""
+  batch = ds[0]
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    raise config_lib.ConfigError(
+        f"the batch lacks {missing} (has {sorted(batch)}); check config.data.pp_train")
+  return {k: np.asarray(batch[k]) for k in keys}
+
+
+def _place(weights: dict, like: dict, what: str) -> dict:
+  """Puts host weights onto the shardings of `like`, checking every shape."""
+  def put(path, w, target):
+    if tuple(np.shape(w)) != tuple(target.shape):
+      raise ValueError(f"{what} weight {jax.tree_util.keystr(path)} has shape {np.shape(w)}, "
+                       f"expected {target.shape}")
+    return jax.device_put(np.asarray(w, target.dtype), target.sharding)
+  return jax.tree_util.tree_map_with_path(put, weights, like)
+
+
+def _log_memory(compiled) -> None:
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return
+  gib = 1 / 2**30
+  logging.info(
+      "Compiled train step, per device: arguments %.3f GiB, outputs %.3f GiB, "
+      "temporaries %.3f GiB, generated code %.3f GiB",
+      analysis.argument_size_in_bytes * gib, analysis.output_size_in_bytes * gib,
+      analysis.temp_size_in_bytes * gib, analysis.generated_code_size_in_bytes * gib)
+
+
+def setup_logging() -> None:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      datefmt="%H:%M:%S", force=True)
+  for noisy in ("absl", "jax._src", "orbax", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+  setup_logging()
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    config, flags = config_lib.parse_command_line(argv, "cxrjax.main")
+    if "workdir" not in flags:
+      raise config_lib.ConfigError("--workdir=DIR is required")
+    parallel.maybe_initialize_distributed()
+    train(config, flags["workdir"])
+  except config_lib.ConfigError as e:
+    print(f"cxrjax.main: config error: {e}", file=sys.stderr)
+    return 2
+  except NonFiniteLossError as e:
+    print(f"cxrjax.main: {e}", file=sys.stderr)
+    return 3
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

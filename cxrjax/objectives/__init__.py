@@ -1,0 +1,39 @@
+"""Pretraining objectives, found by name (`config.objective.name`).
+
+An objective is a class constructed from the whole config that provides:
+  validate(config)                  extra config checks (classmethod; raise ConfigError)
+  preprocess() -> str               ops appended to config.data.pp_train (e.g. masks)
+  batch_keys: tuple[str, ...]       the batch fields its loss reads
+  build_model(rngs) -> nnx.Module   the trainable model; its `encoder` is what fine-tuning reads
+  build_frozen(rngs) -> nnx.Module | None     a frozen model (teacher), or None
+  frozen_weights() -> dict | None   host weights for the frozen model (None: use its init)
+  loss(model, frozen, batch, *, train, rngs) -> (scalar loss, dict of scalar metrics)
+"""
+
+from __future__ import annotations
+
+from cxrjax.config_lib import ConfigError
+
+_OBJECTIVES: dict[str, type] = {}
+
+
+def register(name: str):
+  def wrap(cls):
+    _OBJECTIVES[name] = cls
+    cls.name = name
+    return cls
+  return wrap
+
+
+def names() -> list[str]:
+  return sorted(_OBJECTIVES)
+
+
+def get(name: str) -> type:
+  if name not in _OBJECTIVES:
+    raise ConfigError(f"config.objective.name={name!r} is not one of: {', '.join(names())}")
+  return _OBJECTIVES[name]
+
+
+# Registration by import.
+from cxrjax.objectives import evax_mim  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -1,0 +1,21 @@
+"""Tiny configs shared by tests: depth-2, width-64 models on 32 px phantom images."""
+
+import os
+
+from cxrjax import config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_pretrain_config(*overrides: str):
+  """Quickstart shrunk to seconds: micro/8 student and teacher at 32 px, float32."""
+  argv = [f"--config={os.path.join(REPO, 'configs', 'quickstart.py')}",
+          "--config.model.variant=micro/8", "--config.objective.teacher_model.variant=micro/8",
+          "--config.data.image_size=32", "--config.data.source_size=40",
+          "--config.data.batch_size=8", "--config.data.num_examples=256",
+          "--config.total_steps=4", "--config.log.every_steps=1",
+          "--config.checkpoint.async_save=false", "--config.log.memory_analysis=false",
+          "--config.objective.min_mask_block=4",
+          *overrides]
+  config, _ = config_lib.parse_command_line(argv, "test")
+  return config
