@@ -68,8 +68,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   abstract_model = nnx.eval_shape(lambda: objective.build_model(nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   abstract_frozen = nnx.eval_shape(lambda: objective.build_frozen(nnx.Rngs(0)))
-  frozen_graphdef, abstract_frozen_params = (nnx.split(abstract_frozen, nnx.Param)
-                                             if abstract_frozen is not None else (None, None))
+  # The frozen part (teacher, EMA teacher, centers...) keeps every variable it has; the
+  # objective may update it after each step (`update_frozen`), never through gradients.
+  frozen_graphdef, abstract_frozen_state = (nnx.split(abstract_frozen)
+                                            if abstract_frozen is not None else (None, None))
   use_ema = config.optim.ema_decay > 0
 
   def init(rng):
@@ -80,8 +82,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if use_ema:
       state["ema"] = params
     if frozen_graphdef is not None:
-      state["frozen"] = nnx.to_pure_dict(
-          nnx.state(objective.build_frozen(nnx.Rngs(rng)), nnx.Param))
+      state["frozen"] = nnx.to_pure_dict(nnx.state(objective.build_frozen(nnx.Rngs(rng))))
     return state
 
   # ---------------------------------------------------------------- Shardings.
@@ -98,7 +99,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     state_sh["ema"] = params_sh
   if frozen_graphdef is not None:
     state_sh["frozen"] = nnx.to_pure_dict(
-        parallel.param_shardings(abstract_frozen_params, mesh))
+        parallel.param_shardings(abstract_frozen_state, mesh))
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
 
@@ -129,6 +130,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       grad_norm = optax.tree.norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       new = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
+      if hasattr(objective, "update_frozen"):  # e.g. EMA teacher, DINO centers
+        new["frozen"] = objective.update_frozen(state["frozen"], params, aux, state["step"])
+      # "state/..." entries are arrays for update_frozen, not metrics to log.
+      aux = {k: v for k, v in aux.items() if not k.startswith("state/")}
       if use_ema:
         decay = config.optim.ema_decay
         new["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)

@@ -8,6 +8,13 @@ An objective is a class constructed from the whole config that provides:
   build_frozen(rngs) -> nnx.Module | None     a frozen model (teacher), or None
   frozen_weights() -> dict | None   host weights for the frozen model (None: use its init)
   loss(model, frozen, batch, *, train, rngs) -> (scalar loss, dict of scalar metrics)
+optionally:
+  update_frozen(frozen, params, aux, step) -> frozen
+                                    called in the jitted step after the optimizer update, with
+                                    pure dicts (frozen: every variable of build_frozen's module;
+                                    params: the updated trainable params) and the loss's aux dict,
+                                    whose "state/..." entries carry arrays for it (not logged).
+The trainable model may hold only nnx.Param variables; anything else belongs in `frozen`.
 """
 
 from __future__ import annotations
