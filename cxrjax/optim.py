@@ -13,9 +13,9 @@ from cxrjax.config_lib import ConfigError
 _SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {}
 _OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {}
 
-# Parameters that are never weight-decayed: norms and biases (ndim <= 1) and these
-# embedding-like tensors, as in BEiT/EVA/timm.
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_tokens", "mask_token")
+# Parameters that are never weight-decayed, as in BEiT/EVA/timm: norms, biases (by name:
+# per-head q/v biases are 2-D), LayerScale (1-D) and these embedding-like tensors.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_tokens", "mask_token", "bias", "scale")
 
 
 def register_schedule(name):
@@ -74,7 +74,7 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int,
 
 
 def decay_mask(params: Any) -> Any:
-  """True for leaves that get weight decay: matrices, excluding embeddings/tokens."""
+  """True for leaves that get weight decay: weight matrices, excluding embeddings/tokens."""
   def wants_decay(path, leaf):
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     return leaf.ndim > 1 and not any(n in NO_DECAY_NAMES for n in names)
