@@ -49,6 +49,21 @@ def pretrain_base() -> ml_collections.ConfigDict:
       num_workers=0,             # Grain worker processes (0: in the main process)
       num_threads=4,
       prefetch=4,
+      # Where non-phantom sources read from (cxrjax/data/pipeline.py): the TFDS data_dir
+      # (source=<dataset> or 'tfds'), the `prepare` output ('array_record'), the image
+      # folder ('folder'), or the root of relative manifest paths ('manifest').
+      data_dir="",
+      tfds_name="",              # source='tfds': e.g. 'chexpert/competition_512'
+      manifest="",               # source='manifest': CSV/JSONL; '{split}' is substituted
+      label_names=(),            # manifest label columns (empty: inferred)
+      label_policy="u_ignore",   # uncertain (-1) labels: u_ignore|u_ones|u_zeros|u_smooth_*
+      missing_label="mask",      # blank labels: 'mask' or 'negative'
+      max_boxes=16,              # boxes padded with -1 to this many per image
+      sources=(),                # source='mixture': (dict(source=..., weight=...), ...)
+      # Unreadable examples are skipped and counted; more than this fraction (checked
+      # after failure_check_after examples, and at the end of a split) stops the run.
+      max_decode_failure_fraction=0.01,
+      failure_check_after=200,
   )
   config.model = model_block(config, "B/16", EVA02)
 
@@ -61,7 +76,10 @@ def pretrain_base() -> ml_collections.ConfigDict:
   # Mesh axis sizes; one may be -1 (fill). num_devices > 0 uses only the first N local
   # devices (single-process debugging and tests); 0 uses every device of every process.
   config.mesh = dict(data=-1, fsdp=1, tensor=1, num_devices=0)
+  # Kept: the newest max_to_keep steps (resume needs the latest), every keep_every_steps-th
+  # step, and the keep_best_n best by a logged metric ('' = off; e.g. 'loss' with 'min').
   config.checkpoint = dict(save_every_steps=1000, max_to_keep=3, keep_every_steps=0,
+                           keep_best_metric="", keep_best_mode="min", keep_best_n=1,
                            async_save=True)
   config.log = dict(every_steps=50, memory_analysis=True)
   # What to do on a non-finite loss or gradient: 'stop' (raise, naming the step, the loss

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import math
 from typing import Any, Callable
 
@@ -92,9 +93,14 @@ class Preprocess:
     return example
 
   def __getstate__(self):
-    return {"spec": self.spec}
+    # Ops registered by other modules (e.g. multiview.py) must be registered again in a
+    # spawned Grain worker before the spec is parsed there.
+    modules = sorted({_OPS[op.name][0].__module__ for op in self.ops} - {__name__})
+    return {"spec": self.spec, "modules": modules}
 
   def __setstate__(self, state):
+    for module in state.get("modules", ()):
+      importlib.import_module(module)
     self.__init__(state["spec"])
 
   def __repr__(self):
@@ -149,6 +155,12 @@ def _crop_resize(example: dict, box: tuple[int, int, int, int], size) -> dict:
   return example
 
 
+def resize_example(example: dict, size) -> dict:
+  """Resizes image, seg and boxes of an example to `size` (int: square) without cropping."""
+  h, w = example["image"].shape[:2]
+  return _crop_resize(example, (0, 0, h, w), size)
+
+
 @register("resize")
 def _resize(size):
   def fn(example):
@@ -200,23 +212,125 @@ def _flip_lr(p=0.5):
   return fn
 
 
+@register("center_crop")
+def _center_crop(size):
+  """Crops the central size x size window (no resize); for evaluation after `resize`."""
+  out_h, out_w = _size2(size)
+
+  def fn(example):
+    h, w = example["image"].shape[:2]
+    if h < out_h or w < out_w:
+      raise ValueError(f"center_crop({size}): image is only {h}x{w}")
+    y0, x0 = (h - out_h) // 2, (w - out_w) // 2
+    return _crop_resize(example, (y0, x0, out_h, out_w), (out_h, out_w))
+  return fn
+
+
+def _affine_matrix(center, degrees=0.0, scale=1.0, shear=(0.0, 0.0), translate=(0.0, 0.0)
+                   ) -> np.ndarray:
+  """3x3 forward map of pixel coordinates: rotate/scale/shear about `center`, then shift."""
+  cx, cy = center
+  t = math.radians(degrees)
+  sx, sy = math.radians(shear[0]), math.radians(shear[1])
+  rot = np.array([[math.cos(t), -math.sin(t), 0], [math.sin(t), math.cos(t), 0], [0, 0, 1]])
+  shr = np.array([[1, math.tan(sx), 0], [math.tan(sy), 1, 0], [0, 0, 1]])
+  scl = np.diag([scale, scale, 1.0])
+  to_c = np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]])
+  back = np.array([[1, 0, cx + translate[0]], [0, 1, cy + translate[1]], [0, 0, 1]])
+  return back @ rot @ shr @ scl @ to_c
+
+
+def _warp(array: np.ndarray, matrix: np.ndarray, resample, fill=0) -> np.ndarray:
+  inverse = np.linalg.inv(matrix)[:2].reshape(-1)  # PIL maps output -> input pixels
+  h, w = array.shape[:2]
+
+  def one(channel):
+    img = Image.fromarray(np.ascontiguousarray(channel))
+    return np.asarray(img.transform((w, h), Image.AFFINE, tuple(inverse), resample,
+                                    fillcolor=fill))
+  if array.ndim == 2:
+    return one(array)
+  return np.stack([one(array[..., c]) for c in range(array.shape[-1])], -1)
+
+
+def _affine(example: dict, matrix: np.ndarray) -> dict:
+  """Warps image (bilinear), seg (nearest, background fill) and boxes (corner hull)."""
+  example = dict(example)
+  image = example["image"]
+  h, w = image.shape[:2]
+  example["image"] = _warp(image, matrix, Image.BILINEAR)
+  if "seg" in example:
+    example["seg"] = _warp(example["seg"], matrix, Image.NEAREST)
+  if "boxes" in example:
+    boxes = np.array(example["boxes"], np.float32)
+    valid = boxes[:, 0] >= 0
+    if valid.any():
+      b = boxes[valid]
+      corners = np.stack([b[:, [1, 2]], b[:, [3, 2]], b[:, [1, 4]], b[:, [3, 4]]], 1)
+      moved = corners @ matrix[:2, :2].T + matrix[:2, 2]
+      lo, hi = moved.min(1), moved.max(1)
+      new = np.concatenate([b[:, :1], lo, hi], 1)
+      new[:, 1::2] = new[:, 1::2].clip(0, w)
+      new[:, 2::2] = new[:, 2::2].clip(0, h)
+      gone = (new[:, 3] <= new[:, 1]) | (new[:, 4] <= new[:, 2])
+      new[gone] = -1
+      boxes[valid] = new
+    example["boxes"] = boxes
+  return example
+
+
+@register("random_affine", random=True)
+def _random_affine(degrees=10.0, translate=0.05, scale=(0.9, 1.1), shear=0.0, p=1.0):
+  """Small rotation/shift/zoom/shear, as CXR fine-tuning recipes use (no flips)."""
+  def fn(example, rng):
+    if rng.uniform() >= p:
+      return example
+    h, w = example["image"].shape[:2]
+    matrix = _affine_matrix(
+        (w / 2, h / 2), degrees=rng.uniform(-degrees, degrees),
+        scale=rng.uniform(*scale) if isinstance(scale, (tuple, list)) else scale,
+        shear=(rng.uniform(-shear, shear), rng.uniform(-shear, shear)),
+        translate=(rng.uniform(-translate, translate) * w,
+                   rng.uniform(-translate, translate) * h))
+    return _affine(example, matrix)
+  return fn
+
+
 # ----------------------------------------------------------------------------
 # Intensity.
 # ----------------------------------------------------------------------------
 
 
+# Keys holding images that channel/normalisation ops apply to ([..., H, W] or
+# [..., H, W, C]); the crop keys come from the multi-view ops in multiview.py.
+IMAGE_KEYS = ("image", "global_crops", "local_crops")
+
+
+def _image_keys(example: dict) -> list[str]:
+  return [k for k in IMAGE_KEYS if k in example]
+
+
 @register("to_channels")
 def _to_channels(channels=3):
-  """Grey [H,W] or [H,W,1] -> [H,W,channels] (replicated), so RGB-pretrained models fit."""
-  def fn(example):
-    image = example["image"]
-    if image.ndim == 2:
+  """Grey [H,W] or [H,W,1] -> [H,W,channels] (replicated), so RGB-pretrained models fit.
+
+  `to_channels(1)` keeps CXRs single-channel for a native 1-channel patch embedding.
+  Stacked crops ([N,H,W]) get a channel axis the same way.
+  """
+  def convert(image, crops):
+    if image.ndim == (3 if crops else 2):
       image = image[..., None]
     if image.shape[-1] != channels:
       if image.shape[-1] != 1:
         raise ValueError(f"to_channels({channels}): image has {image.shape[-1]} channels")
       image = np.repeat(image, channels, axis=-1)
-    return {**example, "image": image}
+    return image
+
+  def fn(example):
+    example = dict(example)
+    for key in _image_keys(example):
+      example[key] = convert(example[key], key != "image")
+    return example
   return fn
 
 
@@ -228,16 +342,130 @@ def _normalize(stats="evax", mean=None, std=None):
   mean = np.asarray(mean if mean is not None else NORMALIZATION[stats][0], np.float32)
   std = np.asarray(std if std is not None else NORMALIZATION[stats][1], np.float32)
 
-  def fn(example):
-    image = example["image"]
+  # uint8 input: one 256-entry table per channel replaces three full-image float passes
+  # (same float32 arithmetic, so the same values).
+  levels = np.arange(256, dtype=np.float32) / 255.0
+  luts = (levels[:, None] - mean[None, :]) / std[None, :]  # [256, len(mean)]
+
+  def convert(image, crops):
     if image.dtype == np.uint8:
+      channels = image.shape[-1] if image.ndim == (4 if crops else 3) else 1
+      if channels == 1 or channels == len(mean):
+        if channels == 1 or np.all(luts == luts[:, :1]):
+          return luts[:, 0][image]
+        return np.stack([luts[:, c][image[..., c]] for c in range(channels)], -1)
       image = image.astype(np.float32) / 255.0
     elif image.dtype == np.uint16:
       image = image.astype(np.float32) / 65535.0
     image = image.astype(np.float32)
-    channels = image.shape[-1] if image.ndim == 3 else 1
+    channels = image.shape[-1] if image.ndim == (4 if crops else 3) else 1
     m, s = (mean[:channels], std[:channels]) if channels <= len(mean) else (mean[0], std[0])
-    return {**example, "image": (image - m) / s}
+    return (image - m) / s
+
+  def fn(example):
+    example = dict(example)
+    for key in _image_keys(example):
+      example[key] = convert(example[key], key != "image")
+    return example
+  return fn
+
+
+def _apply_lut(image: np.ndarray, lut: np.ndarray) -> np.ndarray:
+  if image.dtype == np.uint8:
+    return lut[image]
+  if image.dtype == np.uint16:
+    image = (image >> 8).astype(np.uint8)
+    return lut[image]
+  raise ValueError(f"intensity ops expect uint8 images (before normalize); got {image.dtype}")
+
+
+def _intensity_lut(brightness: float, contrast: float, gamma: float) -> np.ndarray:
+  """One 256-entry table for x -> ((x ** gamma) * contrast about 0.5) + brightness."""
+  x = np.arange(256, dtype=np.float32) / 255.0
+  y = x ** gamma
+  y = (y - 0.5) * contrast + 0.5 + brightness
+  return np.clip(np.rint(y * 255.0), 0, 255).astype(np.uint8)
+
+
+@register("random_intensity", random=True)
+def _random_intensity(brightness=0.1, contrast=0.1, gamma=(0.8, 1.25), p=1.0):
+  """Exposure variation: additive brightness, multiplicative contrast, gamma (uint8 LUT)."""
+  def fn(example, rng):
+    if rng.uniform() >= p:
+      return example
+    lut = _intensity_lut(rng.uniform(-brightness, brightness),
+                         rng.uniform(1 - contrast, 1 + contrast),
+                         math.exp(rng.uniform(math.log(gamma[0]), math.log(gamma[1]))))
+    return {**example, "image": _apply_lut(example["image"], lut)}
+  return fn
+
+
+def _ra_geometric(kind, level, rng, example):
+  h, w = example["image"].shape[:2]
+  sign = 1 if rng.uniform() < 0.5 else -1
+  kw = {"rotate": dict(degrees=sign * 30 * level),
+        "shear_x": dict(shear=(sign * 17 * level, 0)),
+        "shear_y": dict(shear=(0, sign * 17 * level)),
+        "translate_x": dict(translate=(sign * 0.3 * level * w, 0)),
+        "translate_y": dict(translate=(0, sign * 0.3 * level * h))}[kind]
+  return _affine(example, _affine_matrix((w / 2, h / 2), **kw))
+
+
+def _ra_pixel(kind, level, rng, image):
+  from PIL import ImageEnhance, ImageFilter, ImageOps  # pylint: disable=import-outside-toplevel
+  sign = 1 if rng.uniform() < 0.5 else -1
+  if kind == "gamma":
+    return _apply_lut(image, _intensity_lut(0.0, 1.0, math.exp(sign * 0.7 * level)))
+  if kind == "brightness":
+    return _apply_lut(image, _intensity_lut(sign * 0.4 * level, 1.0, 1.0))
+  if kind == "contrast":
+    return _apply_lut(image, _intensity_lut(0.0, 1.0 + sign * 0.8 * level, 1.0))
+  img = Image.fromarray(image)
+  if kind == "autocontrast":
+    img = ImageOps.autocontrast(img)
+  elif kind == "equalize":
+    img = ImageOps.equalize(img)
+  elif kind == "sharpness":
+    img = ImageEnhance.Sharpness(img).enhance(1.0 + sign * 0.9 * level)
+  elif kind == "blur":
+    img = img.filter(ImageFilter.GaussianBlur(radius=0.1 + 2.0 * level))
+  return np.asarray(img)
+
+
+RANDAUGMENT_OPS = ("identity", "autocontrast", "equalize", "rotate", "shear_x", "shear_y",
+                   "translate_x", "translate_y", "brightness", "contrast", "gamma",
+                   "sharpness", "blur")
+_RA_GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+
+@register("randaugment", random=True)
+def _randaugment(num_ops=2, magnitude=9, ops=RANDAUGMENT_OPS, magnitude_std=0.0):
+  """RandAugment (Cubuk et al. 2020) with grey-level ops only: no colour, solarize or
+  posterize, which have no radiographic meaning. Magnitude 0..10 as in timm."""
+  unknown = [o for o in ops if o not in RANDAUGMENT_OPS]
+  if unknown:
+    raise ValueError(f"randaugment: unknown ops {unknown}; choose from {RANDAUGMENT_OPS}")
+  ops = tuple(ops)
+
+  def fn(example, rng):
+    image = example["image"]
+    grey = image.ndim == 2 or image.shape[-1] == 1
+    if image.dtype != np.uint8 or not grey:
+      raise ValueError("randaugment expects grey uint8 images: put it before to_channels "
+                       "and normalize")
+    for _ in range(num_ops):
+      kind = ops[int(rng.integers(len(ops)))]
+      level = float(np.clip(rng.normal(magnitude, magnitude_std) if magnitude_std
+                            else magnitude, 0, 10)) / 10.0
+      if kind == "identity":
+        continue
+      if kind in _RA_GEOMETRIC:
+        example = _ra_geometric(kind, level, rng, example)
+      else:
+        img = example["image"]
+        out = _ra_pixel(kind, level, rng, img[..., 0] if img.ndim == 3 else img)
+        example = {**example, "image": out[..., None] if img.ndim == 3 else out}
+    return example
   return fn
 
 
