@@ -1,6 +1,6 @@
 r"""Input-pipeline throughput: images/s through decode + training augmentation at 224 px.
 
-  python benchmarks/data_throughput.py [--images=256] [--batch=32] [--workers=0,1,2]
+  python benchmarks/input_pipeline.py [--images=256] [--batch=32] [--workers=0,1,2]
 
 Measures the full cxrjax path (grain MapDataset -> decode -> augment -> batch -> refill
 iterator) for: phantom CXRs rendered at 256 px, and array_record shards written by
