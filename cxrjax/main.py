@@ -4,7 +4,10 @@ r"""Pretraining binary.
 
 Reads top to bottom: config, mesh, data, abstract init and shardings, sharded init, update
 step (compiled ahead of time, memory printed), resume, loop with NaN check, periodic
-checkpoints and logs. Restarting with the same --workdir resumes from the last checkpoint.
+checkpoints and logs. Restarting with the same --workdir resumes from the newest readable
+checkpoint, on any mesh; SIGTERM/SIGINT save one at the current step and exit 0. Several
+processes: see launch/ (process 0 logs; all write each checkpoint). docs/checkpointing.md
+has the details.
 """
 
 from __future__ import annotations
@@ -155,64 +158,111 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     compiled_step = jitted_step.lower(abstract_state, abstract_batch).compile()
     if config.log.memory_analysis:
       _log_memory(compiled_step)
+    # What each log line holds: the step's metrics plus those added in the loop.
+    logged_names = set(compiled_step.out_info[1]) - {"finite"} | {
+        "skipped_steps", "epoch", "perf/steps_per_sec", "perf/images_per_sec",
+        "perf/eta_minutes"}
+    best_metric = config.checkpoint.keep_best_metric
+    if best_metric and best_metric not in logged_names:
+      raise config_lib.ConfigError(
+          f"config.checkpoint.keep_best_metric={best_metric!r} is not a logged metric; "
+          f"logged: {', '.join(sorted(logged_names))}")
 
     # ---------------------------------------------------------------- Resume.
+    # The newest readable checkpoint in the workdir, onto this run's mesh (which may differ
+    # from the one it was saved on); unreadable newer steps are logged and set aside.
+    parallel.sync_processes("compiled")  # before the first cross-process collective
     checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint)
-    first_step = 0
-    if (latest := checkpointer.latest_step()) is not None:
-      logging.info("Resuming from %s/%d", ckpt_lib.checkpoint_dir(workdir), latest)
-      state = checkpointer.restore(latest, abstract_state, train_iter)
-      first_step = int(jax.device_get(state["step"]))
     meta = ckpt_lib.run_metadata(config, mesh)
+    first_step, last_saved = 0, None
+    try:
+      restored = checkpointer.restore_latest(abstract_state, train_iter)
+    except BaseException:
+      checkpointer.close()
+      raise
+    if restored is not None:
+      state, first_step = restored.state, int(jax.device_get(restored.state["step"]))
+      last_saved = restored.step
+      logging.info("Resuming from %s/%d (saved on mesh %s by %s process(es); now mesh %s)",
+                   checkpointer.directory, restored.step, restored.meta.get("mesh"),
+                   restored.meta.get("processes"), meta["mesh"])
     if first_step >= total_steps:
       logging.info("Already trained for %d of %d steps; nothing to do.", first_step, total_steps)
       checkpointer.close()
+      writer.close()
       return {}
 
     # ---------------------------------------------------------------- Loop.
     logging.info("Training steps %d..%d (%.1f epochs of %d examples)", first_step + 1,
                  total_steps, total_steps / steps_per_epoch, config.data.num_examples)
     progress = metric_writers.Progress(total_steps, config.data.batch_size, first_step)
-    last_saved = latest if latest is not None else None
+    preemption = ckpt_lib.PreemptionWatcher()
     logged: dict[str, float] = {}
-    pending = []
-    for step in range(first_step + 1, total_steps + 1):
-      batch = next(train_iter)
-      device_batch = parallel.shard_batch({k: batch[k] for k in batch_keys}, mesh)
-      state, metrics = compiled_step(state, device_batch)
-      pending.append(metrics)
+    pending: list[tuple[int, dict]] = []  # (step, device metrics) since the last log line
 
-      if step % config.log.every_steps == 0 or step == total_steps:
-        host = jax.device_get(pending)
-        pending = []
-        bad = [m for m in host if not m["finite"]]
-        if bad and not skip_nonfinite:
+    def check_finite():
+      """Raises on a non-finite step (policy 'stop'); a no-op under policy 'skip'."""
+      if skip_nonfinite:
+        return
+      for s, m in pending:
+        if not bool(jax.device_get(m["finite"])):
+          m = jax.device_get(m)
+          where = (f"{checkpointer.directory}/{last_saved}" if last_saved is not None
+                   else "none (no checkpoint saved yet)")
           raise NonFiniteLossError(
-              f"non-finite loss at or before step {step}: "
-              + ", ".join(f"{k}={float(v):.4g}" for k, v in bad[0].items() if k != "finite")
-              + f". Last good checkpoint: {ckpt_lib.checkpoint_dir(workdir)}/{last_saved}"
+              f"non-finite loss at step {s}: "
+              + ", ".join(f"{k}={float(v):.4g}" for k, v in m.items() if k != "finite")
+              + f". Last good checkpoint: {where}"
               + " (config.nan_policy='skip' drops such updates instead)")
-        logged = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "finite"}
-        logged.update(progress.update(step))
-        logged["skipped_steps"] = float(jax.device_get(state["skipped_steps"]))
-        logged["epoch"] = step / steps_per_epoch
-        writer.write_scalars(step, logged)
-        writer.flush()
-        if is_writer:
-          print(f"step {step}/{total_steps}  loss {logged['loss']:.4f}  "
-                f"{logged['perf/steps_per_sec']:.2f} steps/s  "
-                f"{logged['perf/images_per_sec']:.1f} img/s  "
-                f"ETA {metric_writers.format_eta(logged['perf/eta_minutes'])}", flush=True)
 
-      if checkpointer.should_save(step, total_steps):
-        checkpointer.save(step, state, train_iter, config, meta,
-                          metrics={"loss": logged.get("loss", float("nan"))})
-        last_saved = step
+    try:
+      for step in range(first_step + 1, total_steps + 1):
+        batch = next(train_iter)
+        device_batch = parallel.shard_batch({k: batch[k] for k in batch_keys}, mesh)
+        state, metrics = compiled_step(state, device_batch)
+        pending.append((step, metrics))
+        # Every process asks every step (multi-host: they agree on the step to stop at).
+        stop = preemption.should_stop(step)
+        save = checkpointer.should_save(step, total_steps) or stop
 
-    checkpointer.close()
-    writer.close()
+        if step % config.log.every_steps == 0 or step == total_steps:
+          check_finite()
+          host = [m for _, m in jax.device_get(pending)]
+          pending = []
+          # Under 'skip', the dropped steps' numbers would poison the interval means.
+          good = [m for m in host if m["finite"]] or host
+          logged = {k: float(np.mean([m[k] for m in good])) for k in host[0] if k != "finite"}
+          logged.update(progress.update(step))
+          logged["skipped_steps"] = float(jax.device_get(state["skipped_steps"]))
+          logged["epoch"] = step / steps_per_epoch
+          writer.write_scalars(step, logged)
+          writer.flush()
+          if is_writer:
+            print(f"step {step}/{total_steps}  loss {logged['loss']:.4f}  "
+                  f"{logged['perf/steps_per_sec']:.2f} steps/s  "
+                  f"{logged['perf/images_per_sec']:.1f} img/s  "
+                  f"ETA {metric_writers.format_eta(logged['perf/eta_minutes'])}", flush=True)
+
+        if save and last_saved != step:
+          check_finite()  # never checkpoint weights that a non-finite step produced
+          checkpointer.save(step, state, train_iter, config, meta, metrics=logged,
+                            force=stop)
+          last_saved = step
+        if stop:
+          break
+    finally:
+      preemption.close()
+      checkpointer.close()  # waits for in-flight async saves, also when raising
+      writer.close()
+
+    if stop and step < total_steps:
+      if is_writer:
+        print(f"Stopped by {preemption.signal_name} after step {step} of {total_steps}. "
+              f"Checkpoint: {checkpointer.directory}/{step}\n"
+              f"      Rerun the same command to resume.", flush=True)
+      return logged
     if is_writer:
-      print(f"Done. Checkpoint: {ckpt_lib.checkpoint_dir(workdir)}/{total_steps}\n"
+      print(f"Done. Checkpoint: {checkpointer.directory}/{total_steps}\n"
             f"      Metrics:    {os.path.join(workdir, 'metrics.jsonl')}\n"
             f"      TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}",
             flush=True)
@@ -252,20 +302,28 @@ def _log_memory(compiled) -> None:
 
 
 def setup_logging() -> None:
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+  """INFO lines from process 0; other processes report warnings and errors only."""
+  index, count = parallel.process_index_and_count()
+  tag = f"[p{index}] " if count > 1 else ""
+  logging.basicConfig(level=logging.INFO if index == 0 else logging.WARNING,
+                      format=f"%(asctime)s %(levelname)s {tag}%(message)s",
                       datefmt="%H:%M:%S", force=True)
   for noisy in ("absl", "jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
-  setup_logging()
+  """Exit status: 0 done or stopped cleanly by SIGTERM/SIGINT (checkpoint saved), 2 config
+  error, 3 non-finite loss under nan_policy='stop', 4 no readable checkpoint to resume."""
   argv = sys.argv[1:] if argv is None else argv
   try:
+    setup_logging()
+    # Before anything touches a device: JAX's backends start after the distributed client.
+    if parallel.maybe_initialize_distributed():
+      setup_logging()  # now tagged [pN]; INFO lines from process 0 only
     config, flags = config_lib.parse_command_line(argv, "cxrjax.main")
     if "workdir" not in flags:
       raise config_lib.ConfigError("--workdir=DIR is required")
-    parallel.maybe_initialize_distributed()
     train(config, flags["workdir"])
   except config_lib.ConfigError as e:
     print(f"cxrjax.main: config error: {e}", file=sys.stderr)
@@ -273,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
   except NonFiniteLossError as e:
     print(f"cxrjax.main: {e}", file=sys.stderr)
     return 3
+  except ckpt_lib.CheckpointError as e:
+    print(f"cxrjax.main: {e}", file=sys.stderr)
+    return 4
   return 0
 
 

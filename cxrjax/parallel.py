@@ -36,26 +36,75 @@ RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def maybe_initialize_distributed() -> None:
+def maybe_initialize_distributed() -> bool:
   """Calls jax.distributed.initialize() when launched as one of several processes.
 
-  Detects SLURM and TPU pod environments itself (jax does), or an explicit coordinator
-  from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+  Which environment starts it (checked in this order):
+    JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+                             explicit (launch/local_multiprocess.sh, any cluster);
+    SLURM_NTASKS > 1         SLURM (jax reads the node list and task ids itself);
+    TPU_WORKER_HOSTNAMES or CXRJAX_DISTRIBUTED=1
+                             TPU pods / other clusters that jax detects (launch/tpu_pod.sh).
+  Returns whether it initialised. Must run before anything touches a device.
   """
   explicit = os.environ.get("JAX_COORDINATOR_ADDRESS")
   slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  auto = bool(os.environ.get("TPU_WORKER_HOSTNAMES")) or os.environ.get(
+      "CXRJAX_DISTRIBUTED", "") == "1"
+  if not (explicit or slurm or auto):
+    return False
   if explicit:
-    jax.distributed.initialize(
-        coordinator_address=explicit,
-        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]))
-  elif slurm or os.environ.get("TPU_WORKER_HOSTNAMES"):
-    jax.distributed.initialize()
+    missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in os.environ]
+    if missing:
+      raise ConfigError(f"JAX_COORDINATOR_ADDRESS={explicit!r} is set but {missing} are not; "
+                        "set all three (see launch/local_multiprocess.sh)")
+    try:
+      num, index = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+    except ValueError as e:
+      raise ConfigError(f"JAX_NUM_PROCESSES / JAX_PROCESS_ID must be integers: {e}") from e
+    if not 0 <= index < num:
+      raise ConfigError(f"JAX_PROCESS_ID={index} must be in [0, JAX_NUM_PROCESSES={num})")
+  # CPU processes need a cross-process collectives backend (the TPU/GPU ones are built in);
+  # setting it is harmless on accelerators.
+  if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    jax.distributed.initialize(coordinator_address=explicit, num_processes=num,
+                               process_id=index)
   else:
-    return
+    jax.distributed.initialize()
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+  return True
+
+
+def process_index_and_count() -> tuple[int, int]:
+  """This process's index and the process count, without starting JAX's backends."""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  state = distributed.global_state
+  if state.client is None:
+    return 0, 1
+  return state.process_id, state.num_processes
+
+
+_barriers = 0
+
+
+def sync_processes(name: str, timeout_s: int = 3600) -> None:
+  """Waits until every process reaches this point (no-op with one process).
+
+  Uses the coordination service, not a device collective: on CPU, Gloo gives a process
+  only 30 s to join a collective's first use, and compile times differ by more than that
+  between processes (e.g. one hits the compilation cache), so processes meet here first.
+  """
+  global _barriers
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  _barriers += 1  # a barrier id is used once
+  distributed.global_state.client.wait_at_barrier(f"cxrjax/{_barriers}/{name}",
+                                                  timeout_s * 1000)
 
 
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
