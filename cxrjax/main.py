@@ -161,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # What each log line holds: the step's metrics plus those added in the loop.
     logged_names = set(compiled_step.out_info[1]) - {"finite"} | {
         "skipped_steps", "epoch", "perf/steps_per_sec", "perf/images_per_sec",
-        "perf/eta_minutes"}
+        "perf/eta_minutes", *pipeline.data_stats(train_iter)}
     best_metric = config.checkpoint.keep_best_metric
     if best_metric and best_metric not in logged_names:
       raise config_lib.ConfigError(
@@ -235,6 +235,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           logged.update(progress.update(step))
           logged["skipped_steps"] = float(jax.device_get(state["skipped_steps"]))
           logged["epoch"] = step / steps_per_epoch
+          logged.update(pipeline.data_stats(train_iter))  # examples read / skipped
           writer.write_scalars(step, logged)
           writer.flush()
           if is_writer:
@@ -334,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
   except ckpt_lib.CheckpointError as e:
     print(f"cxrjax.main: {e}", file=sys.stderr)
     return 4
+  except pipeline.DataFailureError as e:
+    print(f"cxrjax.main: data error: {e}", file=sys.stderr)
+    return 5
   return 0
 
 

@@ -26,7 +26,9 @@ def test_pretraining_learns_and_writes_everything(tmp_path):
   losses = np.array([r["loss"] for r in rows])
   assert losses[-10:].mean() < losses[:10].mean() - 0.05, losses
   assert all(np.isfinite(losses))
-  assert {"mim_cosine", "grad_norm", "lr", "perf/images_per_sec"} <= set(rows[-1])
+  assert {"mim_cosine", "grad_norm", "lr", "perf/images_per_sec",
+          "data/examples_read", "data/examples_skipped"} <= set(rows[-1])
+  assert rows[-1]["data/examples_skipped"] == 0
   assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["30", "60"]
   assert set(os.listdir(os.path.join(workdir, "checkpoints", "60"))) >= {
