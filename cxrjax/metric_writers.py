@@ -160,5 +160,7 @@ class Progress:
 def format_eta(minutes: float) -> str:
   if not np.isfinite(minutes):
     return "?"
-  hours, mins = divmod(int(round(minutes)), 60)
-  return f"{hours}h{mins:02d}m" if hours else f"{mins}m{int(minutes * 60) % 60:02d}s"
+  seconds = int(round(minutes * 60))
+  hours, seconds = divmod(seconds, 3600)
+  mins, seconds = divmod(seconds, 60)
+  return f"{hours}h{mins:02d}m" if hours else f"{mins}m{seconds:02d}s"
