@@ -43,4 +43,4 @@ def get(name: str) -> type:
 
 
 # Registration by import.
-from cxrjax.objectives import evax_mim  # noqa: E402,F401  pylint: disable=wrong-import-position
+from cxrjax.objectives import evax_mim, contrastive, dinov2, mae  # noqa: E402,F401  pylint: disable=wrong-import-position
