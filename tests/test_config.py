@@ -70,7 +70,7 @@ def test_impossible_values_name_both_fields():
   with pytest.raises(ConfigError, match=r"batch_size=12 is not divisible by the data-parallel"):
     config_lib.validate(config)
   config = load("quickstart.py", "--config.objective.name=byol")
-  with pytest.raises(ConfigError, match="objective.name='byol' is not one of: evax_mim"):
+  with pytest.raises(ConfigError, match="objective.name='byol' is not one of: .*evax_mim"):
     config_lib.validate(config)
   config = load("quickstart.py", "--config.model.name=resnet")
   with pytest.raises(ConfigError, match="model.name='resnet' is not one of: vit"):
