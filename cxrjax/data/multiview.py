@@ -20,14 +20,12 @@ out: they do nothing to a grey image.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from cxrjax.data import transforms
 
-_RATIO = (3 / 4, 4 / 3)
 
 
 def _grey_uint8(image: np.ndarray) -> np.ndarray:
@@ -49,28 +47,6 @@ def _grey_uint8(image: np.ndarray) -> np.ndarray:
   raise ValueError(f"unsupported image dtype {image.dtype}")
 
 
-def sample_crop_box(rng: np.random.Generator, height: int, width: int, scale, ratio=_RATIO
-                    ) -> tuple[int, int, int, int]:
-  """torchvision RandomResizedCrop.get_params: (y0, x0, h, w); 10 tries, then a centre crop."""
-  area = height * width
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
-    target = area * rng.uniform(*scale)
-    aspect = math.exp(rng.uniform(*log_ratio))
-    w = int(round(math.sqrt(target * aspect)))
-    h = int(round(math.sqrt(target / aspect)))
-    if 0 < w <= width and 0 < h <= height:
-      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-  in_ratio = width / height
-  if in_ratio < ratio[0]:
-    w, h = width, int(round(width / ratio[0]))
-  elif in_ratio > ratio[1]:
-    h, w = height, int(round(height * ratio[1]))
-  else:
-    w, h = width, height
-  return (height - h) // 2, (width - w) // 2, h, w
-
-
 @dataclasses.dataclass(frozen=True)
 class ViewAugment:
   """One augmented view of a grey radiograph; returns float32 [size, size] in [0, 1]."""
@@ -85,7 +61,7 @@ class ViewAugment:
 
   def __call__(self, grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     height, width = grey.shape
-    y0, x0, h, w = sample_crop_box(rng, height, width, self.scale)
+    y0, x0, h, w = transforms.sample_crop_box(rng, height, width, self.scale)
     img = Image.fromarray(grey).resize((self.size, self.size), Image.BICUBIC,
                                        box=(x0, y0, x0 + w, y0 + h))
     if rng.uniform() < self.flip:

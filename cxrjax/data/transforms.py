@@ -169,25 +169,34 @@ def _resize(size):
   return fn
 
 
+def sample_crop_box(rng: np.random.Generator, height: int, width: int, scale, ratio=(3 / 4, 4 / 3)
+                    ) -> tuple[int, int, int, int]:
+  """torchvision RandomResizedCrop.get_params: (y0, x0, h, w); 10 tries, then a centre crop."""
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    w, h = width, int(round(width / ratio[0]))
+  elif in_ratio > ratio[1]:
+    h, w = height, int(round(height * ratio[1]))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
 @register("random_resized_crop", random=True)
 def _random_resized_crop(size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
   """Inception-style crop (torchvision semantics: 10 tries, then a centre crop)."""
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-
   def fn(example, rng):
     height, width = example["image"].shape[:2]
-    area = height * width
-    for _ in range(10):
-      target = area * rng.uniform(*scale)
-      aspect = math.exp(rng.uniform(*log_ratio))
-      w = int(round(math.sqrt(target * aspect)))
-      h = int(round(math.sqrt(target / aspect)))
-      if 0 < w <= width and 0 < h <= height:
-        y0 = int(rng.integers(0, height - h + 1))
-        x0 = int(rng.integers(0, width - w + 1))
-        return _crop_resize(example, (y0, x0, h, w), size)
-    side = min(height, width)
-    return _crop_resize(example, ((height - side) // 2, (width - side) // 2, side, side), size)
+    return _crop_resize(example, sample_crop_box(rng, height, width, scale, ratio), size)
   return fn
 
 
