@@ -112,6 +112,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(config.seed))
     if objective.frozen_weights() is not None:
       state["frozen"] = _place(objective.frozen_weights(), state["frozen"], "teacher")
+    # Continuation runs (e.g. DINOv2 high resolution) start from another run's weights.
+    if (weights := getattr(objective, "params_weights", lambda: None)()) is not None:
+      state["params"] = _place(weights, state["params"], "init_from")
+      if use_ema:
+        state["ema"] = jax.tree.map(jnp.copy, state["params"])
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     logging.info("Trainable parameters: %s (%.2fM)", f"{n_params:,}", n_params / 1e6)
 

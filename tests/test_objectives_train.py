@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from cxrjax import checkpoint, config_lib, main
-from cxrjax.config_lib import ConfigError
 from cxrjax.data import phantom, pipeline
 from cxrjax.objectives import contrastive, dinov2, evax_mim
 from tiny import REPO, tiny_pretrain_config
@@ -226,9 +225,5 @@ def test_dinov2_high_resolution_continuation(runs):
                                 source["blocks"][0]["attn"]["q"]["kernel"])
   assert params["dino_head"]["prototypes"].shape == (64, 256)
   assert int(frozen["step"]) == 0                                      # schedules restart
-  if dinov2._main_places_params_weights():  # pylint: disable=protected-access
-    rows = train(config, runs("dinov2")[0].parent / "highres")
-    assert len(rows) == 2 and np.isfinite(rows[0]["loss"])
-  else:  # until cxrjax.main places params_weights(), such a run is refused up front
-    with pytest.raises(ConfigError, match="init_from"):
-      config_lib.validate(config)
+  rows = train(config, runs("dinov2")[0].parent / "highres")
+  assert len(rows) == 2 and np.isfinite(rows[0]["loss"])

@@ -302,7 +302,14 @@ class VisionTransformer(nnx.Module):
     return jnp.concatenate([*prefix, x], axis=1), grid
 
   def __call__(self, images: jax.Array, *, mask: jax.Array | None = None,
-               train: bool = False, rngs: nnx.Rngs | None = None) -> dict[str, Any]:
+               train: bool = False, rngs: nnx.Rngs | None = None,
+               perturb: Mapping[int, jax.Array] | None = None) -> dict[str, Any]:
+    """Features of `images` [B, H, W, C].
+
+    perturb: {block index: array like that block's output [B, prefix + N, D]} added to the
+      block's output. Zeros change nothing; the gradient with respect to them is the
+      gradient with respect to the block's tokens (Grad-CAM on any block).
+    """
     if train and self.drop_path_rate > 0 and rngs is None:
       raise ValueError(
           f"train=True with drop_path_rate={self.drop_path_rate} needs "
@@ -317,6 +324,8 @@ class VisionTransformer(nnx.Module):
     for i, block in enumerate(self.blocks):
       key = rngs.dropout() if train and block.drop_path > 0 else None
       x = block(x, rope=rope, key=key)
+      if perturb is not None and i in perturb:
+        x = x + perturb[i].astype(x.dtype)
       if i in self.return_blocks:
         taken[i] = x
 

@@ -9,6 +9,8 @@ An objective is a class constructed from the whole config that provides:
   frozen_weights() -> dict | None   host weights for the frozen model (None: use its init)
   loss(model, frozen, batch, *, train, rngs) -> (scalar loss, dict of scalar metrics)
 optionally:
+  params_weights() -> dict | None   host weights for the trainable params (continuation runs,
+                                    e.g. DINOv2 at a higher resolution); placed after init
   update_frozen(frozen, params, aux, step) -> frozen
                                     called in the jitted step after the optimizer update, with
                                     pure dicts (frozen: every variable of build_frozen's module;

@@ -34,13 +34,11 @@ High-resolution continuation (CheXFound highres336/448/512): `init_from='workdir
 of a dinov2 run reads its student params and teacher, resampling the learned pos-embed
 bicubically to the new grid (CheXFound instead drops the pos-embed and re-learns it), and
 restarts schedules at step 0. The teacher comes through `frozen_weights()`; the student
-through `params_weights()`, which cxrjax.main must place into state['params'] (see
-validate()).
+through `params_weights()`, which cxrjax.main places into state['params'].
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -205,11 +203,6 @@ class DinoV2:
     if cfg.dino.loss_weight + cfg.ibot.loss_weight <= 0:
       raise ConfigError("config.objective.dino.loss_weight and ibot.loss_weight are both 0")
     _check_views_not_normalised(config, "dinov2")
-    if cfg.init_from and not _main_places_params_weights():
-      raise ConfigError(
-          f"config.objective.init_from={cfg.init_from!r} needs cxrjax.main to place "
-          "objective.params_weights() into the trainable params (not integrated yet); "
-          "without it only the teacher would be initialised")
 
   def preprocess(self) -> str:
     cfg = self.cfg
@@ -337,12 +330,6 @@ class DinoV2:
     # Mirrors the train step (also after steps that nan_policy='skip' dropped).
     new["step"] = jnp.asarray(step, jnp.int32) + 1
     return new
-
-
-def _main_places_params_weights() -> bool:
-  """Whether cxrjax.main's train() calls objective.params_weights() (continuation runs)."""
-  from cxrjax import main  # pylint: disable=import-outside-toplevel
-  return "params_weights" in inspect.getsource(main.train)
 
 
 def load_for_continuation(spec: str, objective: DinoV2) -> dict:
