@@ -24,7 +24,8 @@ import ml_collections
 import numpy as np
 
 from cxrjax.config_lib import ConfigError
-from cxrjax.data import decode, labels as labels_lib, sources as sources_lib, transforms
+from cxrjax.data import decode, labels as labels_lib, sources as sources_lib, subsets, \
+    transforms
 
 _SOURCES: dict[str, Callable[..., object]] = {}
 
@@ -339,6 +340,11 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, pp: str,
     logging.warning("config.data.num_examples=%d but the %s train split has %d examples; "
                     "epochs and schedules use num_examples", data_cfg.num_examples,
                     data_cfg.source, len(source))
+  if split == "train" and _get(data_cfg, "train_fraction", 1.0) != 1.0:
+    # Label-efficiency runs: a stratified, seeded subset (validated in subset_for_config).
+    source = subsets.subset_for_config(source, data_cfg)
+    logging.info("Training on %d examples (config.data.train_fraction=%s)", len(source),
+                 data_cfg.train_fraction)
   standardize = Standardize(
       source_size=data_cfg.source_size,
       label_policy=_get(data_cfg, "label_policy", "u_ignore"),

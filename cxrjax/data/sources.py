@@ -221,6 +221,10 @@ class ManifestSource:
   def __getitem__(self, i: int) -> dict:
     return {"path": self._paths[i], "labels": self._labels[i], "id": self._ids[i]}
 
+  def label_matrix(self) -> np.ndarray:
+    """Raw labels float32 [N, K] of every row (already in memory; no image is read)."""
+    return self._labels.copy()
+
   def __repr__(self):
     return (f"ManifestSource({self.manifest!r}, {len(self)} rows, "
             f"{len(self.label_names)} labels)")
