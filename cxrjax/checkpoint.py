@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from cxrjax import config_lib
+from cxrjax import config_lib, peft
 from cxrjax.config_lib import ConfigError
 
 ITEMS = ("state", "data", "config", "meta")
@@ -102,18 +102,6 @@ def preservation_policy(ck: ml_collections.ConfigDict):
 # ----------------------------------------------------------------------------
 
 
-def _path_str(path) -> str:
-  parts = []
-  for key in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
-
 def _leaf_checksum(x):
   """Position-weighted sum of the array's elements as unsigned integers, mod 2**32.
 
@@ -141,7 +129,7 @@ def state_checksums(state: Any) -> dict[str, int]:
   """{leaf path: uint32 checksum} of a (sharded, possibly multi-process) state."""
   sums = _checksums_jit(state)
   # Replicated scalars: every process holds the value, so read the local copy.
-  return {_path_str(p): int(np.asarray(s.addressable_data(0)))
+  return {peft.path_str(p): int(np.asarray(s.addressable_data(0)))
           for p, s in jax.tree_util.tree_leaves_with_path(sums)}
 
 
@@ -293,9 +281,9 @@ class Checkpointer:
     return None
 
   def _check_fits(self, step: int, abstract_state: Any) -> None:
-    saved = {_path_str(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in
+    saved = {peft.path_str(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in
              jax.tree_util.tree_leaves_with_path(self.state_metadata(step))}
-    want = {_path_str(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in
+    want = {peft.path_str(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in
             jax.tree_util.tree_leaves_with_path(abstract_state)}
     if saved == want:
       return
@@ -365,7 +353,8 @@ def run_metadata(config: ml_collections.ConfigDict, mesh) -> dict:
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "devices": jax.device_count(), "processes": jax.process_count(),
       "device_kind": jax.devices()[0].device_kind,
-      "objective": config.objective.name, "model": config.model.to_dict(),
+      "objective": config.objective.name if "objective" in config else None,
+      "task": config.task.name if "task" in config else None, "model": config.model.to_dict(),
   }
 
 
@@ -460,19 +449,40 @@ def read_config(spec: str) -> tuple[ml_collections.ConfigDict, int]:
     return ml_collections.ConfigDict(json.load(f)), step
 
 
+# Which encoder of a run `WORKDIR[:STEP]#WHICH` names: the trained params (default), their
+# EMA (optim.ema_decay > 0), or a DINOv2 run's EMA teacher (CheXFound releases the teacher).
+ENCODER_LOCATIONS = {"params": ("params", "encoder"), "ema": ("ema", "encoder"),
+                     "teacher": ("frozen", "teacher", "encoder")}
+
+
+def split_encoder_spec(spec: str) -> tuple[str, str]:
+  """'WORKDIR[:STEP][#WHICH]' -> ('WORKDIR[:STEP]', WHICH)."""
+  base, _, which = spec.partition("#")
+  which = which or "params"
+  if which not in ENCODER_LOCATIONS:
+    raise ConfigError(f"{spec!r}: '#{which}' is not one of: "
+                      f"{', '.join('#' + w for w in ENCODER_LOCATIONS)}")
+  return base, which
+
+
 def load_encoder(spec: str) -> tuple[ml_collections.ConfigDict, dict]:
   """Returns (model config, encoder params as a pure dict of host arrays) of a run.
 
-  Only `state/params/encoder` is read (partial restore), not the optimizer state.
+  spec: 'WORKDIR[:STEP][#params|#ema|#teacher]'. Only that encoder is read (partial
+  restore), not the optimizer state.
   """
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from cxrjax import models  # pylint: disable=import-outside-toplevel
+  spec, which = split_encoder_spec(spec)
   directory, step = parse_workdir_spec(spec)
   config, _ = read_config(spec)
   abstract = nnx.eval_shape(lambda: models.build(config.model, rngs=nnx.Rngs(0)))
   target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), target)
-  item = {"params": {"encoder": target}}
+  location = ENCODER_LOCATIONS[which]
+  item = target
+  for key in reversed(location):
+    item = {key: item}
   restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), item)
   checkpointer = ocp.PyTreeCheckpointer()
   try:
@@ -481,7 +491,38 @@ def load_encoder(spec: str) -> tuple[ml_collections.ConfigDict, dict]:
         args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                     partial_restore=True))
   except (ValueError, KeyError) as e:
-    raise ConfigError(f"{spec!r} (step {step}): cannot read an encoder of model "
-                      f"{config.model.variant}: {e}")
-  logging.info("Loaded encoder %s (step %d) from %s", config.model.variant, step, directory)
-  return config.model, restored["params"]["encoder"]
+    raise ConfigError(f"{spec!r} (step {step}): cannot read the {'/'.join(location)} "
+                      f"encoder of model {config.model.variant}: {e}")
+  for key in location:
+    restored = restored[key]
+  logging.info("Loaded encoder %s (%s, step %d) from %s", config.model.variant,
+               "/".join(location), step, directory)
+  return config.model, restored
+
+
+def load_state_arrays(directory: str, step: int, keys: tuple[str, ...],
+                      optional: tuple[str, ...] = ()) -> dict:
+  """{key: pytree of host arrays} for the top-level state entries `keys` (and those of
+  `optional` that exist) of one step: a partial restore, e.g. params/frozen/ema of a
+  fine-tuning run without its optimizer state."""
+  path = os.path.join(directory, str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path)
+  tree = getattr(tree, "item_metadata", tree)
+  tree = getattr(tree, "tree", tree)
+  missing = [k for k in keys if k not in tree]
+  if missing:
+    raise ConfigError(f"{path}: the state has no {missing} (has {sorted(tree)})")
+  keys = tuple(keys) + tuple(k for k in optional if k in tree and tree[k])
+  item = {k: jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree[k]) for k in keys}
+  restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  return _int_keys(checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True)))
+
+
+def _int_keys(tree):
+  """Orbax metadata names list positions '0', '1'...; nnx pure dicts use ints."""
+  if not isinstance(tree, dict):
+    return tree
+  numeric = bool(tree) and all(isinstance(k, str) and k.isdigit() for k in tree)
+  return {(int(k) if numeric else k): _int_keys(v) for k, v in tree.items()}

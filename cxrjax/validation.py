@@ -15,7 +15,8 @@ from cxrjax.data import pipeline
 @check
 def _registered_names(config):
   require_choice(config, "model.name", models.names())
-  require_choice(config, "objective.name", objectives.names())
+  if "objective" in config:  # pretraining configs (fine-tuning ones have `task`)
+    require_choice(config, "objective.name", objectives.names())
   require_choice(config, "data.source", pipeline.source_names())
   require_choice(config, "optim.name", optim.optimizer_names())
   require_choice(config, "schedule.name", optim.schedule_names())
@@ -68,6 +69,8 @@ def _batch_fits_mesh(config):
 
 @check
 def _objective_rules(config):
+  if "objective" not in config:
+    return
   objective = objectives.get(config.objective.name)
   if hasattr(objective, "validate"):
     objective.validate(config)

@@ -291,3 +291,12 @@ def test_prepare_is_restartable_and_feeds_the_array_record_source(tmp_path):
   with pytest.raises(prepare.PrepareError, match="prepared from other input"):
     prepare.prepare(prepare.parse_args(["--input", other, "--output", out_dir, "--quiet",
                                         "--image_size", "32", "--workers", "1"]))
+
+
+def test_plus_joined_splits_concatenate_in_order():
+  cfg = data_cfg(num_examples=12, num_eval_examples=5)
+  source = pipeline.make_source(cfg, "train+val")
+  train, val = pipeline.make_source(cfg, "train"), pipeline.make_source(cfg, "val")
+  assert len(source) == 17
+  assert [source[i]["id"] for i in (0, 11, 12, 16)] == [
+      train[0]["id"], train[11]["id"], val[0]["id"], val[4]["id"]]

@@ -169,10 +169,36 @@ def _mixture_source(data_cfg, split: str):
 
 
 def make_source(data_cfg: ml_collections.ConfigDict, split: str):
+  """The registered source of `split`; 'train+val' concatenates splits (refitting a probe
+  on train and validation after choosing its learning rate)."""
   if data_cfg.source not in _SOURCES:
     raise ConfigError(f"config.data.source={data_cfg.source!r} is not one of: "
                       f"{', '.join(source_names())}")
+  if "+" in split:
+    return ConcatSource([make_source(data_cfg, part) for part in split.split("+")])
   return _SOURCES[data_cfg.source](data_cfg, split)
+
+
+class ConcatSource:
+  """Random access over several sources in order (picklable for Grain workers)."""
+
+  def __init__(self, parts):
+    self.parts = list(parts)
+    self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+    names = {tuple(getattr(p, "label_names", None) or ()) for p in self.parts}
+    if len(names) > 1:
+      raise ConfigError(f"the concatenated splits have different label names: {sorted(names)}")
+    self.label_names = names.pop() or None
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def __getitem__(self, i: int) -> dict:
+    part = int(np.searchsorted(self.offsets, i, side="right")) - 1
+    return self.parts[part][i - int(self.offsets[part])]
+
+  def __repr__(self) -> str:
+    return f"ConcatSource({self.parts!r})"
 
 
 # ----------------------------------------------------------------------------
