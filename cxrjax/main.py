@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +24,7 @@ import optax
 from flax import nnx
 
 from cxrjax import checkpoint as ckpt_lib
-from cxrjax import config_lib, metric_writers, objectives, optim, parallel
+from cxrjax import config_lib, evaluators, metric_writers, objectives, optim, parallel
 from cxrjax.data import pipeline
 from cxrjax import validation  # noqa: F401  pylint: disable=unused-import  (registers checks)
 
@@ -111,10 +109,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # ---------------------------------------------------------------- Sharded init.
     state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(config.seed))
     if objective.frozen_weights() is not None:
-      state["frozen"] = _place(objective.frozen_weights(), state["frozen"], "teacher")
+      state["frozen"] = place_weights(objective.frozen_weights(), state["frozen"], "teacher")
     # Continuation runs (e.g. DINOv2 high resolution) start from another run's weights.
     if (weights := getattr(objective, "params_weights", lambda: None)()) is not None:
-      state["params"] = _place(weights, state["params"], "init_from")
+      state["params"] = place_weights(weights, state["params"], "init_from")
       if use_ema:
         state["ema"] = jax.tree.map(jnp.copy, state["params"])
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
@@ -157,16 +155,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape[:0] + (config.data.batch_size,)
                                               + v.shape[1:], v.dtype,
                                               sharding=parallel.batch_sharding(mesh, v.ndim))
-                      for k, v in _peek(train_ds, batch_keys).items()}
+                      for k, v in peek_batch(train_ds, batch_keys).items()}
     jitted_step = jax.jit(train_step, in_shardings=(state_sh, None),
                           out_shardings=(state_sh, repl), donate_argnums=(0,))
     compiled_step = jitted_step.lower(abstract_state, abstract_batch).compile()
     if config.log.memory_analysis:
-      _log_memory(compiled_step)
+      log_memory(compiled_step)
     # What each log line holds: the step's metrics plus those added in the loop.
     logged_names = set(compiled_step.out_info[1]) - {"finite"} | {
         "skipped_steps", "epoch", "perf/steps_per_sec", "perf/images_per_sec",
         "perf/eta_minutes", *pipeline.data_stats(train_iter)}
+    # ---------------------------------------------------------------- Evaluators.
+    # Periodic representation checks (kNN, linear-probe shortcut) on the encoder.
+    encode = jax.jit(lambda params, images: nnx.merge(graphdef, params).encoder(images)["cls"])
+    evals = {name: evaluators.get(cfg.type)(encode, cfg, config.data, mesh)
+             for name, cfg in config.evals.items()}
+    for name, ev in evals.items():
+      logged_names |= {f"{name}/{m}" for m in ("auroc", "accuracy")}
     best_metric = config.checkpoint.keep_best_metric
     if best_metric and best_metric not in logged_names:
       raise config_lib.ConfigError(
@@ -230,6 +235,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         stop = preemption.should_stop(step)
         save = checkpointer.should_save(step, total_steps) or stop
 
+        evaluated = {f"{name}/{metric}": value for name, ev in evals.items()
+                     if step % ev.every_steps == 0 or step == total_steps
+                     for metric, value in ev.run(state["params"])}
+        if evaluated and is_writer:
+          print(f"step {step}/{total_steps}  " + "  ".join(
+              f"{k} {v:.4f}" for k, v in evaluated.items()), flush=True)
         if step % config.log.every_steps == 0 or step == total_steps:
           check_finite()
           host = [m for _, m in jax.device_get(pending)]
@@ -241,8 +252,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           logged["skipped_steps"] = float(jax.device_get(state["skipped_steps"]))
           logged["epoch"] = step / steps_per_epoch
           logged.update(pipeline.data_stats(train_iter))  # examples read / skipped
+          logged.update(evaluated)
           writer.write_scalars(step, logged)
           writer.flush()
+        elif evaluated:
+          logged.update(evaluated)
+          writer.write_scalars(step, evaluated)
           if is_writer:
             print(f"step {step}/{total_steps}  loss {logged['loss']:.4f}  "
                   f"{logged['perf/steps_per_sec']:.2f} steps/s  "
@@ -275,7 +290,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return logged
 
 
-def _peek(ds, keys) -> dict[str, np.ndarray]:
+def peek_batch(ds, keys) -> dict[str, np.ndarray]:
   """One per-process batch, to learn shapes and dtypes for ahead-of-time compilation."""
   batch = ds[0]
   missing = [k for k in keys if k not in batch]
@@ -285,7 +300,7 @@ def _peek(ds, keys) -> dict[str, np.ndarray]:
   return {k: np.asarray(batch[k]) for k in keys}
 
 
-def _place(weights: dict, like: dict, what: str) -> dict:
+def place_weights(weights: dict, like: dict, what: str) -> dict:
   """Puts host weights onto the shardings of `like`, checking every shape."""
   def put(path, w, target):
     if tuple(np.shape(w)) != tuple(target.shape):
@@ -295,7 +310,7 @@ def _place(weights: dict, like: dict, what: str) -> dict:
   return jax.tree_util.tree_map_with_path(put, weights, like)
 
 
-def _log_memory(compiled) -> None:
+def log_memory(compiled) -> None:
   analysis = compiled.memory_analysis()
   if analysis is None:
     return
@@ -318,32 +333,39 @@ def setup_logging() -> None:
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def main(argv: list[str] | None = None) -> int:
-  """Exit status: 0 done or stopped cleanly by SIGTERM/SIGINT (checkpoint saved), 2 config
-  error, 3 non-finite loss under nan_policy='stop', 4 no readable checkpoint to resume."""
+def run_binary(prog: str, body, argv: list[str] | None) -> int:
+  """Shared command-line wrapper of the binaries: logging, multi-process start-up, config
+  parsing, then body(config, workdir); errors end in one line and an exit status:
+  0 done or stopped cleanly by SIGTERM/SIGINT (checkpoint saved), 2 config error,
+  3 non-finite loss under nan_policy='stop', 4 no readable checkpoint, 5 too many
+  unreadable examples."""
   argv = sys.argv[1:] if argv is None else argv
   try:
     setup_logging()
     # Before anything touches a device: JAX's backends start after the distributed client.
     if parallel.maybe_initialize_distributed():
       setup_logging()  # now tagged [pN]; INFO lines from process 0 only
-    config, flags = config_lib.parse_command_line(argv, "cxrjax.main")
+    config, flags = config_lib.parse_command_line(argv, prog)
     if "workdir" not in flags:
       raise config_lib.ConfigError("--workdir=DIR is required")
-    train(config, flags["workdir"])
+    body(config, flags["workdir"])
   except config_lib.ConfigError as e:
-    print(f"cxrjax.main: config error: {e}", file=sys.stderr)
+    print(f"{prog}: config error: {e}", file=sys.stderr)
     return 2
   except NonFiniteLossError as e:
-    print(f"cxrjax.main: {e}", file=sys.stderr)
+    print(f"{prog}: {e}", file=sys.stderr)
     return 3
   except ckpt_lib.CheckpointError as e:
-    print(f"cxrjax.main: {e}", file=sys.stderr)
+    print(f"{prog}: {e}", file=sys.stderr)
     return 4
   except pipeline.DataFailureError as e:
-    print(f"cxrjax.main: data error: {e}", file=sys.stderr)
+    print(f"{prog}: data error: {e}", file=sys.stderr)
     return 5
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  return run_binary("cxrjax.main", train, argv)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ from cxrjax import config_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_pretrain_config(*overrides: str):
-  """Quickstart shrunk to seconds: micro/8 student and teacher at 32 px, float32."""
+def tiny_pretrain_config(*overrides: str, evals: bool = False):
+  """Quickstart shrunk to seconds: micro/8 student and teacher at 32 px, float32; without
+  the quickstart's kNN evaluator unless evals=True."""
   argv = [f"--config={os.path.join(REPO, 'configs', 'quickstart.py')}",
           "--config.model.variant=micro/8", "--config.objective.teacher_model.variant=micro/8",
           "--config.data.image_size=32", "--config.data.source_size=40",
@@ -18,4 +19,8 @@ def tiny_pretrain_config(*overrides: str):
           "--config.objective.min_mask_block=4",
           *overrides]
   config, _ = config_lib.parse_command_line(argv, "test")
+  if not evals:
+    with config.unlocked():
+      for name in list(config.evals):
+        del config.evals[name]
   return config
