@@ -46,7 +46,8 @@ def get_config(arg=None):
   config.data.batch_size = PER_GPU_BATCH[args.res] * GPUS
   config.model = config_blocks.model_block(
       config, "L/16", config_blocks.VIT, mlp="swiglu", mlp_ratio=2736 / 1024,
-      num_registers=4, layerscale_init=1e-5, drop_path_rate=0.4, mask_token=True)
+      num_registers=4, layerscale_init=1e-5, drop_path_rate=0.4, drop_path_uniform=True,
+      mask_token=True)
   config.objective = dinov2_objective(
       config, local_crop_size=LOCAL_SIZE[args.res], centering="sinkhorn_knopp",
       momentum=0.994, teacher_temp_warmup_epochs=0.0, teacher_temp_warmup_steps=30 * EPOCH,

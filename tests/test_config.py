@@ -97,3 +97,31 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and "batch_sise" in lines[0] and "batch_size" in lines[0], proc.stderr
   assert not os.listdir(tmp_path)  # failed before any work
+
+
+FINETUNE_CONFIGS = sorted(os.listdir(os.path.join(REPO, "configs", "finetune")))
+
+
+@pytest.mark.parametrize("name", FINETUNE_CONFIGS)
+def test_every_finetune_recipe_loads_and_validates(name):
+  from cxrjax import finetune  # noqa: F401  (registers the fine-tuning rules)
+  config = load(f"finetune/{name}:init_from=random")
+  config_lib.validate(config)
+  local = load(f"finetune/{name}:runlocal=True")
+  config_lib.validate(local)
+  assert local.data.source == "phantom" and local.total_steps == 20
+
+
+def test_eval_configs_load():
+  from cxrjax import evaluate
+  for name in sorted(os.listdir(os.path.join(REPO, "configs", "eval"))):
+    config = load(f"eval/{name}:checkpoint=/some/run")
+    evaluate.check_config(config)
+    assert config.split == "test"
+
+
+def test_evax_image_term_argument():
+  config = load("evax_s.py:image_term=0.1,teacher=random")
+  assert config.objective.name == "evax_mim_contrastive"
+  assert config.objective.image_loss_weight == 0.1
+  assert load("evax_s.py").objective.name == "evax_mim"

@@ -275,6 +275,15 @@ def test_drop_path():
   nnx.eval_shape(lambda m: m(x, train=True), tiny())
 
 
+def test_drop_path_schedule_linear_or_uniform():
+  linear = nnx.eval_shape(lambda: tiny(drop_path_rate=0.4))
+  uniform = nnx.eval_shape(lambda: tiny(drop_path_rate=0.4, drop_path_uniform=True))
+  depth = len(linear.blocks)
+  np.testing.assert_allclose([b.drop_path for b in linear.blocks],
+                             np.linspace(0.0, 0.4, depth))
+  assert [b.drop_path for b in uniform.blocks] == [0.4] * depth
+
+
 def test_jitted_train_forward_is_a_pure_function_of_params_batch_key():
   graphdef, params = nnx.split(tiny(**EVA_ALL, drop_path_rate=0.2))
 

@@ -227,3 +227,18 @@ def test_dinov2_high_resolution_continuation(runs):
   assert int(frozen["step"]) == 0                                      # schedules restart
   rows = train(config, runs("dinov2")[0].parent / "highres")
   assert len(rows) == 2 and np.isfinite(rows[0]["loss"])
+
+
+def test_dinov2_ema_teacher_serves_as_encoder(runs):
+  """'WORKDIR#teacher' reads the EMA teacher (what CheXFound releases), e.g. as the EVA-X
+  teacher or a fine-tuning init; it differs from the student after training."""
+  workdir, _ = runs("dinov2")
+  _, teacher = checkpoint.load_encoder(f"{workdir}#teacher")
+  _, student = checkpoint.load_encoder(str(workdir))
+  directory, step = checkpoint.parse_workdir_spec(str(workdir))
+  frozen = checkpoint.load_state_arrays(directory, step, ("frozen",))["frozen"]
+  np.testing.assert_array_equal(teacher["pos_embed"], frozen["teacher"]["encoder"]["pos_embed"])
+  assert not np.array_equal(teacher["blocks"][0]["attn"]["q"]["kernel"],
+                            student["blocks"][0]["attn"]["q"]["kernel"])
+  with pytest.raises(config_lib.ConfigError, match="#bogus"):
+    checkpoint.load_encoder(f"{workdir}#bogus")

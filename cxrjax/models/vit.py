@@ -66,6 +66,7 @@ CONFIG_KEYS = (
     "name", "variant", "img_size", "in_chans", "mlp", "mlp_ratio", "sub_ln", "rope",
     "qkv_bias", "class_token", "num_registers", "pos_embed", "layerscale_init", "pool",
     "fc_norm", "drop_path_rate", "dtype", "mask_token", "return_blocks", "norm_eps")
+OPTIONAL_CONFIG_KEYS = ("drop_path_uniform",)
 
 MLPS = ("gelu", "swiglu")
 POOLS = ("cls", "mean")
@@ -161,7 +162,8 @@ class VisionTransformer(nnx.Module):
                qkv_bias: bool | str = True, class_token: bool = True,
                num_registers: int = 0, pos_embed: str = "learned",
                layerscale_init: float = 0.0, pool: str = "cls", fc_norm: bool = False,
-               drop_path_rate: float = 0.0, dtype: Any = "float32",
+               drop_path_rate: float = 0.0, drop_path_uniform: bool = False,
+               dtype: Any = "float32",
                param_dtype: Any = jnp.float32, mask_token: bool = False,
                return_blocks: Sequence[int] = (), norm_eps: float = 1e-6,
                rngs: nnx.Rngs):
@@ -224,8 +226,10 @@ class VisionTransformer(nnx.Module):
     self.mask_token = token(1) if mask_token else None
     self.pos_embed = (token(int(class_token) + num_patches) if pos_embed == "learned"
                       else None)
-    # Stochastic depth grows linearly from 0 at the first block to drop_path_rate.
-    rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+    # Stochastic depth grows linearly from 0 at the first block to drop_path_rate, or is
+    # drop_path_rate in every block (DINOv2's drop_path_uniform, used for ViT-L and up).
+    rates = ([drop_path_rate] * depth if drop_path_uniform
+             else [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)])
     self.blocks = nnx.List([
         Block(width, num_heads, mlp=mlp, mlp_hidden=mlp_hidden, sub_ln=sub_ln,
               qkv_bias=qkv_bias, layerscale_init=layerscale_init, drop_path=rates[i],
@@ -251,10 +255,12 @@ class VisionTransformer(nnx.Module):
     mlp_ratio = model_cfg["mlp_ratio"]
     if mlp_ratio is None:
       mlp_ratio = default_mlp_ratio(model_cfg["mlp"], variant.mlp_ratio)
+    # Optional keys (added later; older checkpoints' configs lack them).
+    optional = {k: model_cfg[k] for k in OPTIONAL_CONFIG_KEYS if k in model_cfg}
     return cls(
         width=variant.width, depth=variant.depth, num_heads=variant.num_heads,
-        patch_size=patch_size, mlp_ratio=mlp_ratio,
-        rngs=rngs, **{k: model_cfg[k] for k in CONFIG_KEYS
+        patch_size=patch_size, mlp_ratio=mlp_ratio, rngs=rngs, **optional,
+        **{k: model_cfg[k] for k in CONFIG_KEYS
                       if k not in ("name", "variant", "mlp_ratio")})
 
   def grid_size(self, img_hw: Sequence[int]) -> tuple[int, int]:
