@@ -64,7 +64,7 @@ def eval_config_base() -> ml_collections.ConfigDict:
   config.bootstrap = dict(n_resamples=1000, level=0.95, seed=0,
                           group_key="")  # batch field with patient ids ('' : per image)
   config.localization = dict(method="auto",   # 'gradcam' | 'attention' (GLoRI) | 'auto' | ''
-                             block=-1, num_examples=64, map_threshold=0.5,
+                             block=-1, num_examples=64, map_threshold=0.5, batch_size=16,
                              thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
                              compare_random_init=True)
   config.plots = dict(enabled=True, num_overlays=16)
@@ -208,24 +208,23 @@ def predict_split(run: Run, config, data_cfg, split: str, mesh) -> dict[str, np.
 # ----------------------------------------------------------------------------
 
 
-def saliency_maps(run: Run, params: dict, images: np.ndarray, classes: np.ndarray,
-                  method: str, block: int) -> np.ndarray:
-  """[N, H, W] maps of class classes[n] for image n, at pixel resolution."""
-  model = nnx.merge(run.graphdef, params)
-  image_hw = images.shape[1:3]
-  if method == "attention":
-    out = model(jnp.asarray(images))
-    maps = explain.glori_attention_maps(out)  # [N, K, h, w]
-    maps = maps[np.arange(len(classes)), classes]
-  else:
-    def features_fn(encoder, imgs, perturb):
-      del encoder
-      feats = model.features(imgs, perturb=perturb)
-      return feats, feats["raw_blocks"][list(perturb)[0]]
-
-    maps = explain.grad_cam(model.encoder, model.head, jnp.asarray(images),
-                            jnp.asarray(classes), block=block, features_fn=features_fn)
-  return np.asarray(explain.upsample_maps(jnp.asarray(maps), image_hw, method="bilinear"))
+def saliency_fn(run: Run, method: str, block: int):
+  """jitted (params, images [B,H,W,C], classes [B]) -> pixel maps [B, H, W] of each image's
+  class: Grad-CAM on `block`'s tokens, or the GLoRI head's attention."""
+  def maps(params, images, classes):
+    model = nnx.merge(run.graphdef, params)
+    if method == "attention":
+      attention = explain.glori_attention_maps(model(images))  # [B, K, h, w]
+      grid_maps = jnp.take_along_axis(attention, classes[:, None, None, None], axis=1)[:, 0]
+    else:
+      def features_fn(encoder, imgs, perturb):
+        del encoder
+        feats = model.features(imgs, perturb=perturb)
+        return feats, feats["raw_blocks"][list(perturb)[0]]
+      grid_maps = explain.grad_cam(model.encoder, model.head, images, classes, block=block,
+                                   features_fn=features_fn)
+    return explain.upsample_maps(grid_maps, images.shape[1:3], method="bilinear")
+  return jax.jit(maps)
 
 
 def localization(run: Run, config, ds, preds, method: str, params: dict) -> tuple[dict, dict]:
@@ -238,11 +237,15 @@ def localization(run: Run, config, ds, preds, method: str, params: dict) -> tupl
   images = np.stack([_example(ds, i)["image"] for i in chosen])
   num_classes = len(run.class_names)
   saliency = np.zeros((len(chosen), num_classes) + images.shape[1:3], np.float32)
+  maps_fn = saliency_fn(run, method, config.localization.block)
+  chunk = config.localization.batch_size  # one compiled shape for every chunk and class
   for k in range(num_classes):
     rows = [j for j, i in enumerate(chosen) if (boxes[i][:, 0] == k).any()]
-    if rows:
-      saliency[rows, k] = saliency_maps(run, params, images[rows], np.full(len(rows), k),
-                                        method, config.localization.block)
+    for start in range(0, len(rows), chunk):
+      part = rows[start:start + chunk]
+      batch, real = inference.pad_batch({"image": images[part]}, chunk)
+      maps = maps_fn(params, jnp.asarray(batch["image"]), jnp.full((chunk,), k, jnp.int32))
+      saliency[part, k] = np.asarray(maps)[:real]
   report = metrics.localization_report(
       saliency, boxes[chosen], run.class_names,
       thresholds=tuple(config.localization.thresholds),

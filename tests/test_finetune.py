@@ -72,13 +72,15 @@ def run_eval(ft_workdir, out, *overrides):
 
 MODES = {
     # name: (config file, config arg, overrides, frozen backbone?)
-    "full": ("phantom.py", "", ("--config.optim.layer_decay=0.75",), False),
+    "full": ("phantom.py", "", ("--config.optim.layer_decay=0.75",
+                                "--config.mixup.mixup_alpha=0.2", "--config.mixup.cutmix_alpha=0.2"),
+             False),
     "probe": ("phantom.py", "probe=True", (), True),
     "glori": ("phantom.py", "mode=frozen,head=glori",
               ("--config.optim.lr=3e-3", "--config.head.num_blocks=2"), True),
     "lora": ("phantom.py", "mode=lora", ("--config.optim.lr=3e-3",), True),
     "bitfit": ("phantom.py", "mode=bitfit", ("--config.optim.lr=3e-3",), False),
-    "segmentation": ("phantom_seg.py", "", (), False),
+    "segmentation": ("phantom_seg.py", "", ("--config.optim.ema_decay=0.9",), False),
 }
 
 
@@ -133,6 +135,7 @@ def test_mode_trains_and_evaluates(mode, runs, backbone, tmp_path):
     assert os.path.getsize(tmp_path / "eval" / plot) > 1000
   if mode == "segmentation":
     assert results["segmentation"]["mean"]["dice_dataset"] is not None
+    assert results["checkpoint"]["weights"] == "ema"  # the run kept an EMA and selected on it
   else:
     mean = results["classification"]["mean"]["auroc"]
     assert 0 <= mean["value"] <= 1 and mean["ci_low"] <= mean["value"] <= mean["ci_high"]
@@ -148,6 +151,15 @@ def test_probe_selects_a_learning_rate(runs):
   best = selection["best"]
   assert best["lr"] == lrs[best["copy"]]
   assert best["value"] == max(max(h["per_copy"]) for h in selection["history"])
+
+
+def test_bf16_and_flip_tta_inference_agree_with_fp32(runs, tmp_path):
+  common = ("--config.localization.method=", "--config.plots.enabled=false")
+  fp32 = run_eval(runs("full"), tmp_path / "fp32", *common)
+  bf16 = run_eval(runs("full"), tmp_path / "bf16", *common, "--config.dtype=bfloat16",
+                  "--config.tta_flip=true")
+  a, b = (r["classification"]["mean"]["auroc"]["value"] for r in (fp32, bf16))
+  assert abs(a - b) < 0.1, (a, b)
 
 
 def test_evaluate_refuses_thresholds_from_the_evaluated_split(runs, tmp_path):
