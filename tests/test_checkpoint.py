@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 from cxrjax import checkpoint as ckpt_lib
-from cxrjax import main, objectives, parallel
+from cxrjax import main, objectives, parallel, peft
 from cxrjax.config_lib import ConfigError
 from tiny import REPO, tiny_pretrain_config
 
@@ -66,7 +66,7 @@ def read_state(workdir, step) -> dict[str, np.ndarray]:
       item=target, restore_args=jax.tree.map(
           lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target))
   restored = ocp.PyTreeCheckpointer().restore(path, args=args)
-  return {ckpt_lib._path_str(p): np.asarray(x)  # pylint: disable=protected-access
+  return {peft.path_str(p): np.asarray(x)
           for p, x in jax.tree_util.tree_leaves_with_path(restored)}
 
 
@@ -253,7 +253,7 @@ def test_damaged_latest_step_restores_the_previous_one(tmp_path, four_steps, dam
     restored = checkpointer.restore_latest(_host_abstract(checkpointer, 2), None)
     checkpointer.close()
   assert restored.step == 2
-  got = {ckpt_lib._path_str(p): np.asarray(x)  # pylint: disable=protected-access
+  got = {peft.path_str(p): np.asarray(x)
          for p, x in jax.tree_util.tree_leaves_with_path(restored.state)}
   assert_bit_identical(got, step2)
   text = caplog.text
@@ -331,11 +331,11 @@ def _abstract_on(mesh, config, saved):
   abstract_params = nnx.state(nnx.eval_shape(lambda: objective.build_model(nnx.Rngs(0))),
                               nnx.Param)
   params_sh = nnx.to_pure_dict(parallel.param_shardings(abstract_params, mesh))
-  flat_sh = {ckpt_lib._path_str(p): s  # pylint: disable=protected-access
+  flat_sh = {peft.path_str(p): s
              for p, s in jax.tree_util.tree_leaves_with_path(params_sh)}
 
   def target(path, s):
-    key = ckpt_lib._path_str(path)  # pylint: disable=protected-access
+    key = peft.path_str(path)
     sharding = (flat_sh[key[len("params/"):]] if key.startswith("params/")
                 else parallel.replicated(mesh))
     return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
@@ -354,7 +354,7 @@ def test_saved_on_2x4_mesh_restores_on_one_device_and_on_4x1(tmp_path, four_step
   abstract24 = _abstract_on(mesh24, config, shapes)
   state24 = jax.tree_util.tree_map_with_path(
       lambda p, a: jax.device_put(
-          step4[ckpt_lib._path_str(p)], a.sharding),  # pylint: disable=protected-access
+          step4[peft.path_str(p)], a.sharding),
       abstract24)
   kernel = state24["params"]["encoder"]["blocks"]["0"]["mlp"]["w1"]["kernel"]
   assert "fsdp" in str(kernel.sharding.spec) and len(kernel.addressable_shards) == 8
@@ -368,7 +368,7 @@ def test_saved_on_2x4_mesh_restores_on_one_device_and_on_4x1(tmp_path, four_step
     restored = checkpointer.restore(4, _abstract_on(mesh, config, shapes), None).state
     leaves = jax.tree_util.tree_leaves_with_path(restored)
     assert all(x.sharding.mesh.devices.shape == mesh.devices.shape for _, x in leaves)
-    got = {ckpt_lib._path_str(p): np.asarray(x)  # pylint: disable=protected-access
+    got = {peft.path_str(p): np.asarray(x)
            for p, x in leaves}
     assert_bit_identical(got, step4)
   checkpointer.close()
