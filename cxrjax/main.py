@@ -255,14 +255,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           logged.update(evaluated)
           writer.write_scalars(step, logged)
           writer.flush()
-        elif evaluated:
-          logged.update(evaluated)
-          writer.write_scalars(step, evaluated)
           if is_writer:
             print(f"step {step}/{total_steps}  loss {logged['loss']:.4f}  "
                   f"{logged['perf/steps_per_sec']:.2f} steps/s  "
                   f"{logged['perf/images_per_sec']:.1f} img/s  "
                   f"ETA {metric_writers.format_eta(logged['perf/eta_minutes'])}", flush=True)
+        elif evaluated:  # an evaluator's step that is not a log step
+          logged.update(evaluated)
+          writer.write_scalars(step, evaluated)
 
         if save and last_saved != step:
           check_finite()  # never checkpoint weights that a non-finite step produced

@@ -33,7 +33,7 @@ def test_unknown_evaluator_key_is_refused():
 
 
 @pytest.mark.slow
-def test_main_logs_knn_and_linear_probe(tmp_path):
+def test_main_logs_knn_and_linear_probe(tmp_path, capsys):
   config = tiny_pretrain_config(
       "--config.mesh.num_devices=1", "--config.total_steps=4", evals=True)
   with config.unlocked():
@@ -41,6 +41,8 @@ def test_main_logs_knn_and_linear_probe(tmp_path):
     config.evals.probe = dict(type="linear_probe", every_steps=4, num_train=64, num_eval=32,
                               batch_size=16)
   main.train(config, str(tmp_path))
+  printed = capsys.readouterr().out
+  assert "step 4/4  loss" in printed and "step 2/4  knn/auroc" in printed
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   knn_rows = [r for r in rows if "knn/auroc" in r]
