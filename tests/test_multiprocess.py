@@ -84,7 +84,8 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
   # Only process 0 logs: one metrics row and one progress line per step.
   with open(os.path.join(two, "metrics.jsonl")) as f:
     assert [json.loads(l)["step"] for l in f if '"loss"' in l] == [1, 2, 3, 4]
-  assert out["2 processes"].count("step 4/4 ") == 1
+  assert out["2 processes"].count("step 4/4  loss") == 1  # (and the quickstart kNN line)
+  assert out["2 processes"].count("step 4/4  knn/auroc") == 1
   assert "[p1]" not in "".join(l for l in out["2 processes"].splitlines(True)
                                if " INFO " in l)
 
