@@ -37,8 +37,8 @@ from cxrjax import tasks
 from cxrjax import validation  # noqa: F401  pylint: disable=unused-import  (registers checks)
 from cxrjax.config_lib import ConfigError
 from cxrjax.data import mixing, phantom, pipeline
-from cxrjax.main import (NonFiniteLossError, log_memory, peek_batch, place_weights,
-                         run_binary)
+from cxrjax.main import (NonFiniteLossError, interval_means, log_memory, peek_batch,
+                         place_weights, resume, run_binary)
 from cxrjax.metrics import classification as cls_metrics
 from cxrjax.metrics import segmentation as seg_metrics
 from cxrjax.models import classifier
@@ -439,14 +439,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     meta = ckpt_lib.run_metadata(config, mesh)
     selection = Selection(workdir, metric, tuple(config.probe_lrs), eval_weights)
     first_step = 0
-    try:
-      restored = checkpointer.restore_latest(abstract_state, train_iter)
-    except BaseException:
-      checkpointer.close()
-      raise
+    restored = resume(checkpointer, abstract_state, train_iter, meta)
     if restored is not None:
       state, first_step = restored.state, int(jax.device_get(restored.state["step"]))
-      logging.info("Resuming from %s/%d", checkpointer.directory, restored.step)
     if first_step >= total_steps:
       logging.info("Already trained for %d of %d steps; nothing to do.", first_step, total_steps)
       checkpointer.close()
@@ -475,8 +470,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           if not skip_nonfinite and not all(bool(m["finite"]) for m in host):
             raise NonFiniteLossError(f"non-finite loss or gradient before step {step}: "
                                      f"{host[-1]} (config.nan_policy='skip' drops such steps)")
-          good = [m for m in host if m["finite"]] or host
-          logged = {k: float(np.mean([m[k] for m in good])) for k in good[0] if k != "finite"}
+          logged = interval_means(host)
           logged.update(progress.update(step))
           logged.update(pipeline.data_stats(train_iter))
           logged["epoch"] = step / steps_per_epoch

@@ -185,17 +185,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint)
     meta = ckpt_lib.run_metadata(config, mesh)
     first_step, last_saved = 0, None
-    try:
-      restored = checkpointer.restore_latest(abstract_state, train_iter)
-    except BaseException:
-      checkpointer.close()
-      raise
+    restored = resume(checkpointer, abstract_state, train_iter, meta)
     if restored is not None:
       state, first_step = restored.state, int(jax.device_get(restored.state["step"]))
       last_saved = restored.step
-      logging.info("Resuming from %s/%d (saved on mesh %s by %s process(es); now mesh %s)",
-                   checkpointer.directory, restored.step, restored.meta.get("mesh"),
-                   restored.meta.get("processes"), meta["mesh"])
     if first_step >= total_steps:
       logging.info("Already trained for %d of %d steps; nothing to do.", first_step, total_steps)
       checkpointer.close()
@@ -245,9 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           check_finite()
           host = [m for _, m in jax.device_get(pending)]
           pending = []
-          # Under 'skip', the dropped steps' numbers would poison the interval means.
-          good = [m for m in host if m["finite"]] or host
-          logged = {k: float(np.mean([m[k] for m in good])) for k in host[0] if k != "finite"}
+          logged = interval_means(host)
           logged.update(progress.update(step))
           logged["skipped_steps"] = float(jax.device_get(state["skipped_steps"]))
           logged["epoch"] = step / steps_per_epoch
@@ -298,6 +289,29 @@ def peek_batch(ds, keys) -> dict[str, np.ndarray]:
     raise config_lib.ConfigError(
         f"the batch lacks {missing} (has {sorted(batch)}); check config.data.pp_train")
   return {k: np.asarray(batch[k]) for k in keys}
+
+
+def resume(checkpointer: ckpt_lib.Checkpointer, abstract_state, train_iter, meta: dict
+           ) -> ckpt_lib.Restored | None:
+  """The newest readable checkpoint (None: start fresh), logged; the checkpointer is closed
+  (waiting for nothing in flight) if restoring raises."""
+  try:
+    restored = checkpointer.restore_latest(abstract_state, train_iter)
+  except BaseException:
+    checkpointer.close()
+    raise
+  if restored is not None:
+    logging.info("Resuming from %s/%d (saved on mesh %s by %s process(es); now mesh %s)",
+                 checkpointer.directory, restored.step, restored.meta.get("mesh"),
+                 restored.meta.get("processes"), meta["mesh"])
+  return restored
+
+
+def interval_means(host: list[dict]) -> dict[str, float]:
+  """Means of the step metrics logged since the last log line. Non-finite steps (dropped
+  under nan_policy='skip') are left out, or their numbers would poison the means."""
+  good = [m for m in host if m["finite"]] or host
+  return {k: float(np.mean([m[k] for m in good])) for k in good[0] if k != "finite"}
 
 
 def place_weights(weights: dict, like: dict, what: str) -> dict:
