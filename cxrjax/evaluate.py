@@ -37,7 +37,7 @@ from flax import nnx
 
 from cxrjax import checkpoint as ckpt_lib
 from cxrjax import config_lib, explain, finetune, inference, metric_writers, metrics
-from cxrjax import parallel, plots, tasks
+from cxrjax import parallel, peft, plots, tasks
 from cxrjax.config_lib import ConfigError
 from cxrjax.data import pipeline
 from cxrjax.main import run_binary
@@ -144,12 +144,7 @@ class Run:
 
 
 def finetune_params_placed(params: dict, abstract) -> dict:
-  expected = nnx.to_pure_dict(abstract)
-  want = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(expected)}
-  got = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
-  if want != got:
-    raise ConfigError(f"checkpoint params do not fit the model: missing {sorted(want - got)[:4]}"
-                      f", unexpected {sorted(got - want)[:4]}")
+  peft.check_same_paths(params, nnx.to_pure_dict(abstract), "the checkpoint's params")
   return jax.tree.map(jnp.asarray, params)
 
 

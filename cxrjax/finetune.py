@@ -519,12 +519,7 @@ def _load_backbone(state: dict, encoder: dict, is_trainable, use_ema: bool) -> d
   """Places the pretrained encoder into the trainable/frozen parts of a fresh state."""
   params = {k: v for k, v in state["params"].items() if k != "lora"}
   current = peft.combine(params, state["frozen"])["encoder"]
-  expected = {peft.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(current)}
-  got = {peft.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(encoder)}
-  if expected != got:
-    raise ConfigError(
-        f"config.init_from: the encoder weights do not fit the model: missing "
-        f"{sorted(expected - got)[:5]}, unexpected {sorted(got - expected)[:5]}")
+  peft.check_same_paths(encoder, current, "config.init_from: the encoder weights")
   placed = place_weights(encoder, current, "init_from")
   trainable, frozen = peft.partition({"encoder": placed}, is_trainable)
   new = dict(state)

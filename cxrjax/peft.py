@@ -55,6 +55,16 @@ def path_str(path: Sequence[Any]) -> str:
   return "/".join(parts)
 
 
+def check_same_paths(got: Params, want: Params, what: str) -> None:
+  """Raises ConfigError naming missing/unexpected leaves unless both trees have the same
+  leaf paths (weights loaded from elsewhere must fit the model exactly)."""
+  got_paths = {path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(got)}
+  want_paths = {path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(want)}
+  if got_paths != want_paths:
+    raise ConfigError(f"{what} do not fit the model: missing {sorted(want_paths - got_paths)[:5]}"
+                      f", unexpected {sorted(got_paths - want_paths)[:5]}")
+
+
 def partition(params: Params, predicate: Callable[[str], bool]) -> tuple[dict, dict]:
   """(leaves whose path satisfies `predicate`, all other leaves), as two nested dicts.
 
