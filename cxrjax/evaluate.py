@@ -229,7 +229,7 @@ def localization(run: Run, config, ds, preds, method: str, params: dict) -> tupl
   chosen = np.flatnonzero(has_box)[:config.localization.num_examples]
   if not len(chosen):
     return {}, {}
-  images = np.stack([_example(ds, i)["image"] for i in chosen])
+  images = _example_images(ds, chosen)
   num_classes = len(run.class_names)
   saliency = np.zeros((len(chosen), num_classes) + images.shape[1:3], np.float32)
   maps_fn = saliency_fn(run, method, config.localization.block)
@@ -253,10 +253,12 @@ def localization(run: Run, config, ds, preds, method: str, params: dict) -> tupl
   return report, sample
 
 
-def _example(ds, index: int) -> dict:
-  """Example `index` of an unshuffled, batched dataset (batch = index // batch_size)."""
-  batch = ds[index // ds.batch_size]
-  return {k: v[index % ds.batch_size] for k, v in batch.items() if not k.startswith("_")}
+def _example_images(ds, indices) -> np.ndarray:
+  """Images of examples `indices` of an unshuffled, batched dataset, reading each batch
+  (batch = index // batch_size) once however many of its examples are wanted."""
+  batches = {b: ds[b] for b in sorted({int(i) // ds.batch_size for i in indices})}
+  return np.stack([batches[int(i) // ds.batch_size]["image"][int(i) % ds.batch_size]
+                   for i in indices])
 
 
 # ----------------------------------------------------------------------------
@@ -379,7 +381,7 @@ def _plots(run, task, preds, ds, plot_dir, num_overlays) -> list[str]:
   paths = []
   if task == "segmentation":
     n = min(num_overlays, len(preds["pred"]))
-    images = np.stack([_example(ds, i)["image"] for i in range(n)])
+    images = _example_images(ds, range(n))
     paths.append(plots.segmentation_overlay(images[..., 0], preds["pred"][:n], preds["seg"][:n],
                                             run.class_names,
                                             os.path.join(plot_dir, "segmentation.png")))

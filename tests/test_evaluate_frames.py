@@ -28,7 +28,11 @@ def test_map_equal_to_each_box_scores_iou_one(image_size, source_size):
   ds = pipeline.make_dataset(data, split="test", pp=pp, seed=0, global_batch=8, repeat=False)
   checked = 0
   for index in range(48):
-    example = evaluate._example(ds, index)  # pylint: disable=protected-access
+    batch = ds[index // ds.batch_size]  # unshuffled: example i is row i % B of batch i // B
+    example = {k: v[index % ds.batch_size] for k, v in batch.items() if not k.startswith("_")}
+    # The images localisation and overlays use are those rows.
+    np.testing.assert_array_equal(
+        example["image"], evaluate._example_images(ds, [index])[0])  # pylint: disable=protected-access
     assert example["image"].shape[:2] == (image_size, image_size)
     for row in example["boxes"]:
       cls, x0, y0, x1, y1 = row
