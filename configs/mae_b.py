@@ -32,16 +32,6 @@ def get_config(arg=None):
                       grad_clip_norm=0.0)
 
   if args.runlocal:  # minutes on a laptop CPU
-    config.model.variant = "nano/8"
-    config.model.dtype = "float32"
+    config_blocks.pretrain_runlocal(config)
     config.objective.update(decoder_width=64, decoder_depth=2, decoder_heads=2)
-    config.total_epochs = 0.0
-    config.total_steps = 100
-    config.schedule.warmup_epochs = 0.0
-    config.schedule.warmup_steps = 10
-    config.data.update(image_size=64, source_size=72, batch_size=32, num_examples=4096,
-                       num_threads=2)
-    config.optim.lr = 1e-3
-    config.checkpoint.save_every_steps = 50
-    config.log.every_steps = 10
   return config
