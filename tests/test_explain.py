@@ -6,7 +6,6 @@ matter here; compiling random initialisers per shape on CPU would dominate the r
 and every Grad-CAM runs jitted, with class indices as traced arrays.
 """
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -15,27 +14,15 @@ from flax import nnx
 
 from cxrjax import config_blocks, explain, models
 from cxrjax.models import heads
+from tests.tiny import filled
 
 BATCH, CLASSES = 2, 3
 IMAGES = np.random.default_rng(0).normal(size=(BATCH, 32, 32, 3)).astype(np.float32)
 
 
-def filled(build, seed: int = 0) -> nnx.Module:
-  """build() traced abstractly, its parameters drawn from numpy: N(0, 0.1), norm scales 1."""
-  graphdef, state = nnx.split(nnx.eval_shape(build))
-  rng = np.random.default_rng(seed)
-
-  def value(path, x):
-    if path[-1].key == "scale":
-      return np.ones(x.shape, x.dtype)
-    return rng.normal(0.0, 0.1, x.shape).astype(x.dtype)
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(value, nnx.to_pure_dict(state)))
-
-
 def head_of(**cfg) -> nnx.Module:
   return filled(lambda: heads.build(ml_collections.ConfigDict(cfg), num_classes=CLASSES,
-                                    width=64, depth=2, rngs=nnx.Rngs(1)), seed=1)
+                                    width=64, depth=2, rngs=nnx.Rngs(1)), seed=1, std=0.1)
 
 
 def features_fn_for(head_blocks: tuple[int, ...]):
@@ -59,7 +46,7 @@ def encoder():
   config = ml_collections.ConfigDict({"data": {"image_size": 32}})
   model_cfg = config_blocks.model_block(config, "micro/8", config_blocks.VIT, img_size=32,
                                         dtype="float32", return_blocks=(0, 1))
-  return filled(lambda: models.build(model_cfg, rngs=nnx.Rngs(0)))
+  return filled(lambda: models.build(model_cfg, rngs=nnx.Rngs(0)), std=0.1)
 
 
 @pytest.fixture(scope="module")

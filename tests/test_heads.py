@@ -20,6 +20,7 @@ from flax import nnx
 from cxrjax import config_blocks, models, parallel
 from cxrjax.config_lib import ConfigError
 from cxrjax.models import heads
+from tests.tiny import filled
 
 WIDTH, DEPTH, CLASSES, BATCH = 64, 2, 3, 2
 
@@ -28,19 +29,6 @@ def encoder_config(**overrides) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict({"data": {"image_size": 32}})
   return config_blocks.model_block(config, "micro/8", config_blocks.VIT, img_size=32,
                                    dtype="float32", **overrides)
-
-
-def filled(build, seed: int = 0) -> nnx.Module:
-  """build() traced abstractly, its parameters drawn from numpy: N(0, 0.02), norm scales 1."""
-  graphdef, state = nnx.split(nnx.eval_shape(build))
-  rng = np.random.default_rng(seed)
-
-  def value(path, x):
-    if path[-1].key == "scale":
-      return np.ones(x.shape, x.dtype)
-    return rng.normal(0.0, 0.02, x.shape).astype(x.dtype)
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(value, nnx.to_pure_dict(state)))
 
 
 def rbg_rngs(seed: int, stream: str = "params") -> nnx.Rngs:

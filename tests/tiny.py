@@ -2,6 +2,10 @@
 
 import os
 
+import jax
+import numpy as np
+from flax import nnx
+
 from cxrjax import config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,3 +28,17 @@ def tiny_pretrain_config(*overrides: str, evals: bool = False):
       for name in list(config.evals):
         del config.evals[name]
   return config
+
+
+def filled(build, seed: int = 0, std: float = 0.02) -> nnx.Module:
+  """build() traced abstractly, its parameters drawn from numpy: N(0, std), norm scales 1.
+  (Compiling random initialisers costs seconds per shape on CPU; numpy costs nothing.)"""
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+  rng = np.random.default_rng(seed)
+
+  def value(path, x):
+    if path[-1].key == "scale":
+      return np.ones(x.shape, x.dtype)
+    return rng.normal(0.0, std, x.shape).astype(x.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(value, nnx.to_pure_dict(state)))
